@@ -1,0 +1,95 @@
+"""The one interface every energy model implements, and forces/stress from it by autograd.
+
+A model splits its work in two: ``prepare`` builds what stays fixed during an unroll (neighbor lists, graph
+topology; no gradients), ``energy`` maps the current positions and cells to total energies per structure,
+differentiably. Forces are ``-dE/dX`` and stress is ``(1/V) dE/dε`` for a homogeneous strain ε applied to
+positions and cell together, so every model gets a differentiable stress for cell relaxation for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from relaxtune.state import Batch
+
+
+class UnsupportedElementError(ValueError):
+    """A structure holds an element the model was not trained on."""
+
+
+class EnergyModel(torch.nn.Module):
+    """Total energy per structure, differentiable in positions, cell and parameters."""
+
+    name: str = "model"
+    #: atomic numbers the model knows; ``None`` means any.
+    supported_numbers: frozenset[int] | None = None
+
+    def prepare(self, batch: Batch) -> Any:
+        """Topology kept fixed for one unroll (neighbor list, graphs). Called on a detached batch."""
+        raise NotImplementedError
+
+    def energy(self, batch: Batch, prepared: Any) -> torch.Tensor:
+        """Total energies (n_systems,) in eV."""
+        raise NotImplementedError
+
+    def check_supported(self, batch: Batch) -> None:
+        """Raise ``UnsupportedElementError`` naming the structure and element the model cannot handle."""
+        if self.supported_numbers is None:
+            return
+        from ase.data import chemical_symbols
+
+        for k, sl in enumerate(batch.system_slices()):
+            for z in set(batch.numbers[sl].tolist()) - set(self.supported_numbers):
+                raise UnsupportedElementError(
+                    f"structure {k}: element {chemical_symbols[z]} (Z={z}) is not supported by {self.name}"
+                )
+
+
+@dataclass(frozen=True)
+class EnergyForces:
+    energy: torch.Tensor  # (n_systems,) eV
+    forces: torch.Tensor  # (n_atoms, 3) eV/Å
+    stress: torch.Tensor | None = None  # (n_systems, 3, 3) eV/Å^3, ASE sign convention (positive = tensile)
+
+
+def energy_and_forces(
+    model: EnergyModel,
+    batch: Batch,
+    prepared: Any,
+    *,
+    create_graph: bool = False,
+    compute_stress: bool = False,
+) -> EnergyForces:
+    """Energies, forces (and stress) of a batch. ``create_graph=True`` keeps the graph for second derivatives
+    (training); otherwise results are detached."""
+    positions = batch.positions
+    if not positions.requires_grad:
+        positions = positions.detach().requires_grad_(True)
+    cell = batch.cell
+    inputs = [positions]
+    strain = None
+    if compute_stress:
+        strain = torch.zeros_like(cell).requires_grad_(True)
+        deform = torch.eye(3, dtype=cell.dtype, device=cell.device) + strain
+        positions_eval = torch.einsum("ak,akl->al", positions, deform[batch.system_idx])
+        cell = cell @ deform
+        inputs.append(strain)
+    else:
+        positions_eval = positions
+    with torch.enable_grad():
+        energy = model.energy(batch.replace(positions=positions_eval, cell=cell), prepared)
+        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
+    forces = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
+    stress = None
+    if compute_stress:
+        d_strain = grads[1] if grads[1] is not None else torch.zeros_like(strain)
+        volume = torch.linalg.det(batch.cell).abs()
+        stress = d_strain / volume[:, None, None]
+        stress = 0.5 * (stress + stress.transpose(1, 2))
+    if not create_graph:
+        energy, forces = energy.detach(), forces.detach()
+        stress = stress.detach() if stress is not None else None
+    return EnergyForces(energy=energy, forces=forces, stress=stress)
