@@ -1,0 +1,13 @@
+"""Relaxation-pair datasets: readers and validation, splits by group, shipped datasets, DFT generation.
+
+``load_pairs(spec)`` accepts a file, a directory, ``INITIAL:FINAL``, ``DIR:SPLIT``, ``builtin:NAME`` or
+``builtin:NAME:SPLIT``; ``split_pairs(pairs, split)`` sorts pairs into train / val / test by group.
+"""
+
+from relaxtune.data.pairs import DataError, DataWarning, RelaxationPair, load_pairs, minimum_image_displacement
+from relaxtune.data.splits import load_splits, random_group_split, split_pairs, write_splits
+
+__all__ = [
+    "DataError", "DataWarning", "RelaxationPair", "load_pairs", "minimum_image_displacement",
+    "load_splits", "random_group_split", "split_pairs", "write_splits",
+]

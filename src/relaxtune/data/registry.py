@@ -1,0 +1,149 @@
+"""Shipped datasets: ``builtin:NAME`` (and ``builtin:NAME:SPLIT``) resolved to relaxation pairs.
+
+Each dataset is a folder under ``relaxtune/data/builtin/`` with one extxyz trajectory per structure (written
+by :mod:`relaxtune.data.generate`), a ``splits.json`` and a ``DATASHEET.md`` generated from the files by
+:func:`relaxtune.data.info.datasheet`. A *view* (``si-defects-mini``) selects structures of another dataset
+without copying files: the small default that trains in minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from relaxtune.data.pairs import DataError, RelaxationPair, read_directory, read_splits_file
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+
+#: the reference level of theory (DESIGN.md), shared by every shipped dataset.
+REFERENCE_LEVEL = (
+    "GPAW 26.7.0, PBE, plane waves 300 eV, Fermi-Dirac smearing 0.05 eV, SCF convergence energy 1e-5 eV / "
+    "density 1e-4, BFGS (ASE, maxstep 0.2 Å) to fmax 0.02 eV/Å"
+)
+
+
+def _seed_one(pair: RelaxationPair) -> bool:
+    return int(pair.info.get("seed", -1)) == 1
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A shipped dataset (or a view of one): where its files are and how they were made."""
+
+    name: str
+    folder: str
+    description: str
+    structures: str  # how the initial structures are built
+    settings: str  # level of theory beyond REFERENCE_LEVEL (cell, k-points)
+    regenerate: tuple[str, ...]  # shell commands that remake it
+    builder: str  # relaxtune.data.builders function that builds the inputs ("" for none)
+    select: Callable[[RelaxationPair], bool] | None = field(default=None, compare=False)
+    select_text: str = ""
+
+    @property
+    def directory(self) -> Path:
+        return BUILTIN_DIR / self.folder
+
+    @property
+    def is_view(self) -> bool:
+        return self.select is not None
+
+    def splits(self) -> dict[str, list[str]]:
+        path = self.directory / "splits.json"
+        return read_splits_file(path) if path.exists() else {}
+
+    def expected_names(self) -> list[str]:
+        """Names of every structure the builder makes for this dataset (done or not)."""
+        from relaxtune.data import builders
+
+        if not self.builder:
+            return []
+        names = [a.info["name"] for a in getattr(builders, self.builder)()]
+        if self.name == "si-defects-mini":
+            names = [n for n in names if n.endswith("_1")]
+        return names
+
+
+DATASETS: dict[str, BuiltinDataset] = {
+    "si-defects": BuiltinDataset(
+        name="si-defects", folder="si-defects",
+        description="Si point defects in a 64-site cell: initial (rattled) and DFT-relaxed structures, fixed cell.",
+        structures=("15 defect types (vacancy; Si self-interstitials T, H, <110> split; substitutional B, Al, P, "
+                    "As, C, Ge, N; interstitial B, P; P-V and As-V pairs) in the 2x2x2 conventional diamond cell "
+                    "(64 sites) at a = 5.469 Å, defect at the origin site, positions rattled by a normal "
+                    "distribution of 0.05 Å (numpy default_rng(seed), seeds 1, 2, 3): "
+                    "relaxtune.data.builders.build_si_defects()"),
+        settings="Γ point only, fixed cell",
+        regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py si-defects --jobs 2",
+                    "# or, with the CLI:",
+                    "relaxtune data build si-defects --out si-defects.extxyz",
+                    "relaxtune data generate si-defects.extxyz --out DIR --calculator gpaw --fmax 0.02 --kpts gamma "
+                    "--jobs 2"),
+        builder="build_si_defects",
+    ),
+    "si-defects-mini": BuiltinDataset(
+        name="si-defects-mini", folder="si-defects",
+        description=("View of si-defects: one rattle (seed 1) per defect type, same split by defect type. "
+                     "Small enough to fine-tune CHGNet in a few minutes on 2 CPU cores."),
+        structures="the seed-1 structures of si-defects (no files of its own)",
+        settings="as si-defects",
+        regenerate=("# a view: regenerate si-defects",),
+        builder="build_si_defects",
+        select=_seed_one, select_text="info['seed'] == 1",
+    ),
+    "crystals": BuiltinDataset(
+        name="crystals", folder="crystals",
+        description="Small crystals (2-16 atoms), rattled 0.1 Å and strained up to ±3%, relaxed with the cell free.",
+        structures=("Si, Ge, C (diamond), SiC, GaAs, AlP, BN (zincblende), GaN (wurtzite), Si in 8- and 16-atom "
+                    "cells, SiGe orderings (zincblende, [001]-layered, alternating, Si3Ge); 8 random strains "
+                    "(symmetric, each component up to ±3%) and rattles (0.1 Å) per prototype, "
+                    "seed 0: relaxtune.data.builders.build_crystals()"),
+        settings=("Monkhorst-Pack mesh from kpts={'density': 3.5, 'gamma': True}, cell relaxed together with the "
+                  "positions (ASE FrechetCellFilter), symmetry off"),
+        regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py crystals --jobs 2",
+                    "# or, with the CLI:",
+                    "relaxtune data build crystals --out crystals.extxyz",
+                    "relaxtune data generate crystals.extxyz --out DIR --calculator gpaw --fmax 0.02 --relax-cell "
+                    "--jobs 2"),
+        builder="build_crystals",
+    ),
+}
+
+
+def get_dataset(name: str) -> BuiltinDataset:
+    """The registry entry for ``name`` (``DataError`` listing the known names otherwise)."""
+    if name not in DATASETS:
+        raise DataError(f"builtin:{name}: dataset: unknown; available: {', '.join('builtin:' + n for n in DATASETS)}")
+    return DATASETS[name]
+
+
+def parse_builtin(spec: str) -> tuple[BuiltinDataset, str | None]:
+    """``NAME`` or ``NAME:SPLIT`` (with or without the ``builtin:`` prefix) -> (dataset, split)."""
+    spec = spec[len("builtin:"):] if spec.startswith("builtin:") else spec
+    name, _, split = spec.partition(":")
+    return get_dataset(name), (split or None)
+
+
+def load_builtin(spec: str) -> list[RelaxationPair]:
+    """Pairs of a shipped dataset, ``NAME`` or ``NAME:SPLIT``; each pair carries its split."""
+    ds, split = parse_builtin(spec)
+    if not ds.directory.is_dir() or not any(ds.directory.glob("*.extxyz")):
+        raise DataError(f"builtin:{ds.name}: files: no relaxations shipped yet in {ds.directory} "
+                        f"(regenerate: {ds.regenerate[0]})")
+    pairs = read_directory(ds.directory)
+    if ds.select is not None:
+        pairs = [p for p in pairs if ds.select(p)]
+    for p in pairs:
+        p.info.setdefault("dataset", ds.name)
+    if split is not None:
+        splits = ds.splits()
+        if split not in splits:
+            raise DataError(f"builtin:{ds.name}:{split}: split: unknown; available: {', '.join(splits) or 'none'}")
+        pairs = [p for p in pairs if p.split == split]
+    return pairs
+
+
+def builtin_path(name: str) -> Path:
+    """The folder holding a shipped dataset's files."""
+    return get_dataset(name).directory
