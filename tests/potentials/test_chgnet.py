@@ -1,0 +1,120 @@
+"""CHGNet adapter vs CHGNet's own ASE calculator (energy, forces, stress), batching, and derivatives."""
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from relaxtune.potentials.base import UnsupportedElementError, energy_and_forces
+from relaxtune.potentials.chgnet import CHGNetModel
+from relaxtune.state import Batch
+
+STRAIN = np.array([[1.02, 0.01, 0.0], [0.01, 0.985, 0.005], [0.0, 0.005, 1.01]])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CHGNetModel()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    return CHGNetCalculator(model=model.model, use_device="cpu")
+
+
+def si8():
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+def gaas():
+    atoms = bulk("GaAs", "zincblende", a=5.65)
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def strained_si8():
+    atoms = si8()
+    atoms.set_cell(atoms.cell.array @ STRAIN, scale_atoms=True)
+    return atoms
+
+
+def test_matches_chgnet_calculator(model, reference):
+    structures = [si8(), gaas(), strained_si8()]
+    batch = Batch.from_atoms(structures)
+    out = energy_and_forces(model, batch, model.prepare(batch), compute_stress=True)
+    for k, (atoms, sl) in enumerate(zip(structures, batch.system_slices())):
+        atoms = atoms.copy()
+        atoms.calc = reference
+        # CHGNet predicts eV/atom; the adapter returns the total (x n_atoms, composition model included)
+        assert out.energy[k].item() / len(atoms) == pytest.approx(atoms.get_potential_energy() / len(atoms), abs=1e-4)
+        np.testing.assert_allclose(out.forces[sl].double().numpy(), atoms.get_forces(), atol=1e-4)
+        # CHGNetCalculator converts its GPa to eV/Å^3 with ASE's sign (positive = tensile), as we do
+        ref_stress = voigt_6_to_full_3x3_stress(atoms.get_stress())
+        assert np.abs(ref_stress).max() > 5e-3  # the strained cell really is stressed
+        np.testing.assert_allclose(out.stress[k].double().numpy(), ref_stress, atol=2e-5)
+
+
+def test_batched_equals_one_by_one(model):
+    structures = [si8(), gaas(), strained_si8()]
+    batch = Batch.from_atoms(structures)
+    together = energy_and_forces(model, batch, model.prepare(batch), compute_stress=True)
+    for k, (atoms, sl) in enumerate(zip(structures, batch.system_slices())):
+        single = Batch.from_atoms([atoms])
+        alone = energy_and_forces(model, single, model.prepare(single), compute_stress=True)
+        assert together.energy[k].item() == pytest.approx(alone.energy[0].item(), abs=1e-4)
+        torch.testing.assert_close(together.forces[sl], alone.forces, atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.stress[k], alone.stress[0], atol=1e-6, rtol=0)
+
+
+def test_forces_follow_positions_with_fixed_topology(model, reference):
+    batch = Batch.from_atoms([si8()])
+    prepared = model.prepare(batch)
+    before = energy_and_forces(model, batch, prepared)
+    moved = batch.replace(positions=batch.positions + 0.03 * torch.randn_like(batch.positions))
+    after = energy_and_forces(model, moved, prepared)  # same graph, new positions
+    assert (after.forces - before.forces).abs().max() > 1e-2
+    atoms = moved.to_atoms()[0]
+    atoms.calc = reference
+    np.testing.assert_allclose(after.forces.double().numpy(), atoms.get_forces(), atol=1e-4)
+
+
+def test_second_derivatives_reach_parameters(model):
+    batch = Batch.from_atoms([si8()])
+    out = energy_and_forces(model, batch, model.prepare(batch), create_graph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out.forces**2).sum(), params, allow_unused=True)
+    total = sum(g.abs().sum() for g in grads if g is not None)
+    assert torch.isfinite(total) and total > 0
+    assert sum(g is not None for g in grads) > len(params) // 2
+
+
+def test_gradcheck_float64():
+    """Energy -> forces (first) and Hessian (second derivative) vs finite differences, positions and cell."""
+    model = CHGNetModel(dtype=torch.float64)
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=3)
+    batch = Batch.from_atoms([atoms], dtype=torch.float64)
+    prepared = model.prepare(batch)
+
+    def energy(positions, cell):
+        return model.energy(batch.replace(positions=positions, cell=cell), prepared)
+
+    def forces(positions):
+        return energy_and_forces(model, batch.replace(positions=positions), prepared, create_graph=True).forces
+
+    pos = batch.positions.clone().requires_grad_(True)
+    cell = batch.cell.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(energy, (pos, cell), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(forces, (pos,), eps=1e-6, atol=1e-4)
+
+
+def test_unsupported_element(model):
+    atoms = bulk("Cu", "fcc", a=3.6)
+    atoms.numbers[:] = 95  # americium: beyond CHGNet's 94 elements
+    with pytest.raises(UnsupportedElementError, match="Am"):
+        model.prepare(Batch.from_atoms([atoms]))
