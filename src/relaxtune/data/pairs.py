@@ -313,7 +313,7 @@ def _pair_from_frames(frames: list[Atoms], source: Path, index: int, n_in_file: 
         flag = True
     name = str(header.get("name") or (default_name if n_in_file == 1 else f"{default_name}_{index}"))
     return RelaxationPair(
-        name=name, group=_group_of(header, default_group), initial=frames[0].copy(), final=frames[-1].copy(),
+        name=name, group=_group_of(header, default_group), initial=frames[0], final=frames[-1],
         energy_final=_energy(frames[-1]), trajectory=frames, source=str(source), relax_cell=bool(flag),
         converged=_as_bool(header.get("converged")), info=header,
     )
@@ -352,7 +352,7 @@ def read_initial_final(initial: Path | str, final: Path | str, relax_cell: bool 
         flag = validate_pair(a, b, where, relax_cell=flag, max_displacement=max_displacement)
         name = str(header.get("name") or (stem if len(first) == 1 else f"{stem}_{i}"))
         pairs.append(RelaxationPair(
-            name=name, group=_group_of(header, stem), initial=a.copy(), final=b.copy(), energy_final=_energy(b),
+            name=name, group=_group_of(header, stem), initial=a, final=b, energy_final=_energy(b),
             trajectory=None, source=f"{initial}:{final}", relax_cell=flag,
             converged=_as_bool(header.get("converged")), info=header,
         ))

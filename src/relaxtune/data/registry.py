@@ -53,16 +53,21 @@ class BuiltinDataset:
         path = self.directory / "splits.json"
         return read_splits_file(path) if path.exists() else {}
 
-    def expected_names(self) -> list[str]:
-        """Names of every structure the builder makes for this dataset (done or not)."""
+    def expected_structures(self) -> list[tuple[str, str]]:
+        """(name, group) of every structure the builder makes for this dataset (done or not)."""
         from relaxtune.data import builders
 
         if not self.builder:
             return []
-        names = [a.info["name"] for a in getattr(builders, self.builder)()]
+        out = [(a.info["name"], a.info["group"]) for a in getattr(builders, self.builder)()]
         if self.name == "si-defects-mini":
-            names = [n for n in names if n.endswith("_1")]
-        return names
+            out = [(n, g) for n, g in out if n.endswith("_1")]
+        return out
+
+    def expected_names(self, split: str | None = None) -> list[str]:
+        """Names of the planned structures, optionally only those of one split."""
+        groups = set(self.splits().get(split, [])) if split else None
+        return [n for n, g in self.expected_structures() if groups is None or g in groups]
 
 
 DATASETS: dict[str, BuiltinDataset] = {
