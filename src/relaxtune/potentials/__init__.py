@@ -1,5 +1,70 @@
-"""Energy models behind one interface (see ``base.EnergyModel``) and a loader by name or file."""
+"""Energy models behind one interface (see ``base.EnergyModel``) and a loader by name or file.
+
+The adapters (CHGNet, SevenNet, MACE, classical) are imported lazily by :func:`load_model`, so importing
+``relaxtune.potentials`` stays cheap and an optional package (mace-torch) is needed only when used.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import torch
 
 from relaxtune.potentials.base import EnergyForces, EnergyModel, UnsupportedElementError, energy_and_forces
 
-__all__ = ["EnergyForces", "EnergyModel", "UnsupportedElementError", "energy_and_forces"]
+__all__ = ["EnergyForces", "EnergyModel", "UnsupportedElementError", "energy_and_forces", "load_model", "MODEL_CHOICES"]
+
+MODEL_CHOICES = "chgnet, sevennet, lj, sw, a MACE model file, or a relaxtune checkpoint (.pt)"
+
+
+#: a pickled reference to a class of ``mace.modules`` (GLOBAL opcode, or a STACK_GLOBAL module-name string)
+_MACE_CLASS = re.compile(rb"(?:c|\x8c.)mace\.modules\.", re.DOTALL)
+
+
+def _is_mace_file(path: Path) -> bool:
+    """A MACE model is a pickled ``mace.modules`` module: ``.model`` files, or a torch zip whose pickle names a
+    mace class (a relaxtune checkpoint holds only tensors and plain values)."""
+    if path.suffix == ".model":
+        return True
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return any(_MACE_CLASS.search(archive.read(n)) for n in pickles)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_model(spec: str | Path | EnergyModel, dtype: torch.dtype = torch.float32) -> EnergyModel:
+    """An energy model from a name ("chgnet", "sevennet", "lj", "sw") or a file (MACE model, relaxtune
+    fine-tuned checkpoint). Raises ``ValueError`` with a one-line message for anything else."""
+    if isinstance(spec, EnergyModel):
+        return spec
+    name = str(spec).strip()
+    key = name.lower()
+    if key in {"chgnet", "chgnet-0.3.0"}:
+        from relaxtune.potentials.chgnet import CHGNetModel
+
+        return CHGNetModel(dtype=dtype)
+    if key in {"sevennet", "7net-0", "sevennet-0"}:
+        from relaxtune.potentials.sevennet import SevenNetModel
+
+        return SevenNetModel(dtype=dtype)
+    if key in {"lj", "sw"}:
+        # classical models keep float64 parameters and follow the dtype of the batch they are given
+        from relaxtune.potentials import classical
+
+        return classical.LennardJones() if key == "lj" else classical.StillingerWeber()
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"unknown model {name!r}: use {MODEL_CHOICES}")
+    if _is_mace_file(path):
+        from relaxtune.potentials.mace import MACEModel
+
+        return MACEModel(path, dtype=dtype)
+    try:
+        from relaxtune.train.checkpoint import load_checkpoint_model
+    except ImportError as exc:  # the trainer's checkpoint module is not there yet
+        raise ValueError(f"cannot load {name!r} as a relaxtune checkpoint: {exc}") from exc
+    return load_checkpoint_model(path, dtype=dtype)
