@@ -1,0 +1,270 @@
+"""Implicit differentiation through a converged relaxation, and the training entry point for all grad modes.
+
+At a relaxed structure X* the forces vanish, F_θ(X*) = 0. Differentiating that identity in the model
+parameters θ gives ``H dX*/dθ = ∂F/∂θ`` with H = ∂²E/∂X² = -∂F/∂X (the Hessian), so for a loss L(X*)
+
+    dL/dθ = gᵀ dX*/dθ = vᵀ ∂F/∂θ,    where  H v = g,  g = ∂L/∂X*.
+
+``ImplicitFixedPoint`` is a custom autograd Function: its forward returns X* (found by a relaxation without a
+graph), its backward solves H v = g by conjugate gradient (CG) on Hessian-vector products (one backward through
+the force graph at X* each, i.e. a double backward of the model) and returns vᵀ ∂F/∂θ to the parameters. The
+memory does not grow with the number of relaxation steps: one force graph at X* is kept during the solve.
+
+Null space and conditioning. H is singular: a rigid translation of a structure without fixed atoms changes no
+energy (periodic or not), so H has three zero modes; an isolated molecule adds three rotations, and soft modes
+make H ill-conditioned. We (1) project the uniform (mean) translation out of g and out of every CG direction
+for structures with no fixed atoms, and (2) solve the damped system (H + λI) v = g with a small λ
+(``ImplicitConfig.damping``, eV/Å², default 1e-3, small against the ~1-30 eV/Å² curvature of bonded solids).
+Both are harmless for the θ-gradient: ∂F/∂θ is orthogonal to the translations (Σ_j F_j = 0 for every θ) and
+to rotations (zero torque), so the components of v along null modes contribute nothing. The translation part
+of g is the exact derivative of X* with respect to a rigid shift of the starting point, and is passed back to
+the unrolled head in ``hybrid`` mode. Fixed atoms are removed from the system (their rows of g, v and Hv are 0).
+
+Structures whose Hessian shows negative curvature along a CG direction (the relaxation stopped at a saddle or
+did not converge) have no meaningful fixed-point gradient: in ``implicit`` mode their gradient is dropped
+(counted in the stats), in ``hybrid`` mode it falls back to the unrolled head, treating the tail as a constant
+shift (the "truncated" approximation), as it does for structures whose tail relaxation did not converge.
+
+The parameters η of the relaxation (``StepParameters``) do not move a fixed point, so ``implicit`` gives them
+zero gradient; ``hybrid`` reaches them only through the head of fallback structures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.state import Batch, per_system_sum
+
+GRAD_MODES = ("none", "full", "truncated", "checkpoint", "implicit", "hybrid")
+
+
+@dataclass(frozen=True)
+class ImplicitConfig:
+    """Settings of the implicit backward.
+
+    cg_tol: stop when ||H v - g|| <= cg_tol * ||g|| per structure.  cg_max_iter: CG iteration cap.
+    damping: λ of (H + λI) v = g, eV/Å².  project_translations: remove the rigid-translation component.
+    """
+
+    cg_tol: float = 1e-4
+    cg_max_iter: int = 200
+    damping: float = 1e-3
+    project_translations: bool = True
+
+
+@dataclass
+class ImplicitStats:
+    """Filled in by the backward: what the last CG solve did (per structure where it applies)."""
+
+    cg_iterations: int = 0
+    cg_converged: list[bool] = field(default_factory=list)
+    negative_curvature: list[bool] = field(default_factory=list)
+    residual: list[float] = field(default_factory=list)
+    dropped: int = 0  # implicit mode: structures whose gradient was dropped
+    fallback: int = 0  # hybrid mode: structures whose gradient went through the unrolled head instead
+
+
+def _per_atom(values: torch.Tensor, system_idx: torch.Tensor) -> torch.Tensor:
+    return values[system_idx].unsqueeze(-1)
+
+
+def _sys_dot(a: torch.Tensor, b: torch.Tensor, system_idx: torch.Tensor, n_sys: int) -> torch.Tensor:
+    return per_system_sum((a * b).sum(-1), system_idx, n_sys)
+
+
+def _translation_projector(batch: Batch, enabled: bool):
+    """u -> u minus its per-structure mean, for structures without fixed atoms (others untouched)."""
+    n_sys = batch.n_systems
+    has_fixed = per_system_sum(batch.fixed.to(batch.dtype), batch.system_idx, n_sys) > 0
+    project = (~has_fixed) & enabled
+    counts = batch.n_atoms_per_system.to(batch.dtype)
+    free = (~batch.fixed).to(batch.dtype).unsqueeze(-1)
+
+    def apply(u: torch.Tensor) -> torch.Tensor:
+        mean = per_system_sum(u, batch.system_idx, n_sys) / counts[:, None]
+        mean = mean * project.to(u.dtype)[:, None]
+        return (u - mean[batch.system_idx]) * free
+
+    def null_part(u: torch.Tensor) -> torch.Tensor:
+        mean = per_system_sum(u, batch.system_idx, n_sys) / counts[:, None]
+        return (mean * project.to(u.dtype)[:, None])[batch.system_idx]
+
+    return apply, null_part
+
+
+def conjugate_gradient(
+    matvec, b: torch.Tensor, system_idx: torch.Tensor, n_sys: int, tol: float, max_iter: int
+) -> tuple[torch.Tensor, dict]:
+    """Solve A x = b for a block-diagonal SPD ``matvec`` (one block per structure), all blocks at once.
+
+    Each structure has its own step sizes and stops on its own; a non-positive curvature pᵀAp <= 0 marks it
+    failed and freezes it. Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = _sys_dot(r, r, system_idx, n_sys)
+    b_norm = rs.sqrt()
+    active = b_norm > 0
+    converged = ~active
+    negative = torch.zeros_like(active)
+    it = 0
+    for it in range(1, max_iter + 1):
+        if not bool(active.any()):
+            it -= 1
+            break
+        ap = matvec(p)
+        pap = _sys_dot(p, ap, system_idx, n_sys)
+        bad = active & ~(pap > 0)
+        negative = negative | bad
+        active = active & ~bad
+        alpha = torch.where(active, rs / torch.where(pap > 0, pap, torch.ones_like(pap)), torch.zeros_like(rs))
+        x = x + _per_atom(alpha, system_idx) * p
+        r = r - _per_atom(alpha, system_idx) * ap
+        rs_new = _sys_dot(r, r, system_idx, n_sys)
+        done = active & (rs_new.sqrt() <= tol * b_norm)
+        converged = converged | done
+        active = active & ~done
+        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = torch.where(_per_atom(active, system_idx), r + _per_atom(beta, system_idx) * p, p)
+        rs = torch.where(active, rs_new, rs)
+    residual = torch.where(b_norm > 0, rs.sqrt() / b_norm.clamp_min(1e-300), torch.zeros_like(rs))
+    return x, {"iterations": it, "converged": converged, "negative": negative, "residual": residual}
+
+
+def implicit_vjp(
+    model: EnergyModel,
+    batch_star: Batch,
+    g: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    config: ImplicitConfig = ImplicitConfig(),
+    prepared: Any = None,
+) -> tuple[list[torch.Tensor | None], torch.Tensor, dict]:
+    """The implicit vector-Jacobian product at a relaxed structure.
+
+    Returns (dL/dθ for each of ``params`` (None where unused), v = (H+λ)⁻¹ P g, CG info). ``batch_star`` is the
+    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3).
+    """
+    if prepared is None:
+        with torch.no_grad():
+            prepared = model.prepare(batch_star)
+    project, _ = _translation_projector(batch_star, config.project_translations)
+    with torch.enable_grad():
+        x = batch_star.positions.detach().requires_grad_(True)
+        ef = energy_and_forces(model, batch_star.replace(positions=x), prepared, create_graph=True)
+        forces = ef.forces
+
+        def hvp(u: torch.Tensor) -> torch.Tensor:
+            # H u = -∂(F·u)/∂X
+            (hu,) = torch.autograd.grad(forces, x, grad_outputs=-u, retain_graph=True)
+            return project(hu + config.damping * u)
+
+        rhs = project(g.to(x.dtype))
+        v, info = conjugate_gradient(
+            hvp, rhs, batch_star.system_idx, batch_star.n_systems, config.cg_tol, config.cg_max_iter
+        )
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        if len(params) > 0:
+            grads = list(torch.autograd.grad(forces, list(params), grad_outputs=v, allow_unused=True))
+    return grads, v, info
+
+
+class ImplicitFixedPoint(torch.autograd.Function):
+    """Identity on X* in the forward; the implicit gradient in the backward (see the module docstring).
+
+    apply(x_star, x_head, spec, *params): ``x_star`` detached relaxed positions, ``x_head`` the positions where
+    the graph-carrying part ended (hybrid) or None, ``spec`` a dict with model, batch_star, config, fallback
+    (n_sys bool: send g to the head instead), stats (ImplicitStats to fill), mode ("implicit"|"hybrid").
+    """
+
+    @staticmethod
+    def forward(ctx, x_star, x_head, spec, *params):  # noqa: D401
+        ctx.spec = spec
+        ctx.has_head = x_head is not None
+        ctx.n_params = len(params)
+        return x_star.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        spec = ctx.spec
+        batch_star: Batch = spec["batch_star"]
+        model: EnergyModel = spec["model"]
+        cfg: ImplicitConfig = spec["config"]
+        stats: ImplicitStats = spec["stats"]
+        params = spec["params"]
+        fallback = spec["fallback"].clone()
+        sys_idx = batch_star.system_idx
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        # Solve only where a fixed-point gradient is wanted and the loss actually depends on X*.
+        g_norm = per_system_sum((g * g).sum(-1), sys_idx, batch_star.n_systems)
+        solve = (~fallback) & (g_norm > 0)
+        param_grads: list[torch.Tensor | None] = [None] * ctx.n_params
+        negative = torch.zeros_like(fallback)
+        if bool(solve.any()) and ctx.n_params > 0:
+            idx = torch.nonzero(solve).flatten()
+            sub = batch_star.select(idx)
+            atom_mask = solve[sys_idx]
+            grads, _, info = implicit_vjp(model, sub, g[atom_mask], params, cfg)
+            negative_sub = info["negative"]
+            if bool(negative_sub.any()):
+                # Redo without the saddle structures: their θ-gradient is not defined.
+                keep = idx[~negative_sub]
+                negative[idx[negative_sub]] = True
+                grads = [None] * ctx.n_params
+                if keep.numel() > 0:
+                    keep_mask = torch.zeros_like(solve)
+                    keep_mask[keep] = True
+                    grads, _, info2 = implicit_vjp(
+                        model, batch_star.select(keep), g[keep_mask[sys_idx]], params, cfg
+                    )
+                    info["iterations"] += info2["iterations"]
+            param_grads = grads
+            stats.cg_iterations += int(info["iterations"])
+            stats.cg_converged = info["converged"].tolist()
+            stats.negative_curvature = negative_sub.tolist()
+            stats.residual = info["residual"].tolist()
+        head_grad = None
+        if ctx.has_head:
+            _, null_part = _translation_projector(batch_star, cfg.project_translations)
+            to_head = fallback | negative
+            stats.fallback += int(to_head.sum())
+            head_grad = torch.where(to_head[sys_idx].unsqueeze(-1), g, null_part(g))
+        else:
+            stats.dropped += int(negative.sum())
+        return (None, head_grad, None, *param_grads)
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def implicit_positions(
+    model: EnergyModel,
+    batch_star: Batch,
+    *,
+    x_head: torch.Tensor | None = None,
+    fallback: torch.Tensor | None = None,
+    config: ImplicitConfig = ImplicitConfig(),
+    stats: ImplicitStats | None = None,
+) -> torch.Tensor:
+    """X* as a tensor whose backward is the implicit gradient into ``model``'s trainable parameters (and, with
+    ``x_head``, into the graph that produced the head positions)."""
+    params = trainable_parameters(model)
+    if fallback is None:
+        fallback = torch.zeros(batch_star.n_systems, dtype=torch.bool, device=batch_star.device)
+    spec = {
+        "model": model,
+        "batch_star": batch_star.replace(positions=batch_star.positions.detach()),
+        "config": config,
+        "fallback": fallback.to(batch_star.device),
+        "stats": stats if stats is not None else ImplicitStats(),
+        "params": params,
+    }
+    return ImplicitFixedPoint.apply(batch_star.positions.detach(), x_head, spec, *params)

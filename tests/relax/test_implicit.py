@@ -1,0 +1,130 @@
+"""Implicit differentiation at a relaxed fixed point: CG, finite differences on Stillinger-Weber, agreement
+with unrolled gradients."""
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+
+from relaxtune.potentials.base import energy_and_forces
+from relaxtune.potentials.classical import StillingerWeber
+from relaxtune.relax.implicit import (
+    ImplicitConfig,
+    ImplicitStats,
+    conjugate_gradient,
+    implicit_positions,
+)
+from relaxtune.state import Batch
+from relaxtune.train.losses import dq
+
+TIGHT = ImplicitConfig(cg_tol=1e-12, cg_max_iter=500, damping=0.0)
+
+
+def _si_defect(seed: int, vacancy: bool = True, rattle: float = 0.08):
+    a = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 1, 1)
+    if vacancy:
+        del a[3]
+    rng = np.random.default_rng(seed)
+    a.positions += rng.normal(scale=rattle, size=a.positions.shape)
+    return a
+
+
+def _minimize(model, batch, fmax=1e-11, eta=0.03, max_steps=5000):
+    """Reference minimizer independent of the relax engine (float64): gradient descent to 1e-3 eV/Å, then
+    Newton steps with the dense Hessian (pseudo-inverse over the free atoms) to a very tight ``fmax``."""
+    x = batch.positions.detach()
+    free = (~batch.fixed).unsqueeze(-1).to(x.dtype)
+    prepared = model.prepare(batch)
+
+    def forces(pos, graph=False):
+        return energy_and_forces(model, batch.replace(positions=pos), prepared, create_graph=graph).forces * free
+
+    for _ in range(max_steps):
+        f = forces(x)
+        if f.norm(dim=-1).max() < 1e-3:
+            break
+        x = x + eta * f
+    prepared = model.prepare(batch.replace(positions=x))
+    for _ in range(20):
+        f = forces(x)
+        if f.norm(dim=-1).max() < fmax:
+            return batch.replace(positions=x)
+        hess = -torch.autograd.functional.jacobian(lambda p: forces(p, True), x).reshape(x.numel(), x.numel())
+        dof = free.expand_as(x).reshape(-1).bool()
+        step = torch.zeros(x.numel(), dtype=x.dtype)
+        step[dof] = torch.linalg.pinv(hess[dof][:, dof], hermitian=True, rtol=1e-10) @ f.reshape(-1)[dof]
+        x = x + step.reshape(-1, 3)
+    raise AssertionError("reference minimizer did not converge")
+
+
+def test_conjugate_gradient_batched_blocks_and_negative_curvature():
+    torch.manual_seed(1)
+    n_sys, n_at = 3, 4
+    sys_idx = torch.arange(n_sys).repeat_interleave(n_at)
+    mats = []
+    for k in range(n_sys):
+        a = torch.randn(3 * n_at, 3 * n_at, dtype=torch.float64)
+        m = a @ a.T + 0.5 * torch.eye(3 * n_at, dtype=torch.float64)
+        if k == 2:
+            m = m - 100.0 * torch.eye(3 * n_at, dtype=torch.float64)  # indefinite block
+        mats.append(m)
+
+    def matvec(u):
+        blocks = u.reshape(n_sys, 3 * n_at)
+        return torch.stack([mats[k] @ blocks[k] for k in range(n_sys)]).reshape(-1, 3)
+
+    b = torch.randn(n_sys * n_at, 3, dtype=torch.float64)
+    x, info = conjugate_gradient(matvec, b, sys_idx, n_sys, tol=1e-12, max_iter=200)
+    for k in range(2):
+        expect = torch.linalg.solve(mats[k], b.reshape(n_sys, -1)[k])
+        torch.testing.assert_close(x.reshape(n_sys, -1)[k], expect, rtol=1e-8, atol=1e-10)
+    assert info["converged"].tolist() == [True, True, False]
+    assert info["negative"].tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_implicit_matches_finite_difference_of_converged_structure_sw(fixed):
+    """dDq(X*)/dθ by the implicit backward == central finite difference of re-relaxed structures (float64)."""
+    atoms = [_si_defect(0), _si_defect(1, vacancy=False)]
+    batch0 = Batch.from_atoms(atoms, dtype=torch.float64)
+    if fixed:
+        mask = torch.zeros(batch0.n_atoms, dtype=torch.bool)
+        mask[[0, 5, 20]] = True
+        batch0 = batch0.replace(fixed=mask)
+    reference = torch.tensor(np.concatenate([_si_defect(7).positions[:15], _si_defect(8, vacancy=False).positions]))
+    model = StillingerWeber()
+    star = _minimize(model, batch0)
+    stats = ImplicitStats()
+    x = implicit_positions(model, star, config=TIGHT, stats=stats)
+    loss = dq(star.replace(positions=x), reference).sum()
+    loss.backward()
+    assert all(stats.cg_converged) and not any(stats.negative_curvature)
+    for name in ("lambda1", "sigma"):
+        p = getattr(model, name)
+        h = 1e-5 * max(1.0, abs(float(p.detach())))
+        vals = []
+        for s in (1, -1):
+            with torch.no_grad():
+                p += s * h
+            vals.append(dq(_minimize(model, batch0), reference).sum().item())
+            with torch.no_grad():
+                p -= s * h
+        fd = (vals[0] - vals[1]) / (2 * h)
+        assert p.grad is not None
+        np.testing.assert_allclose(p.grad.item(), fd, rtol=2e-4, atol=1e-6)
+
+
+def test_implicit_gradient_ignores_translation_component_of_loss_gradient():
+    atoms = [_si_defect(2)]
+    batch0 = Batch.from_atoms(atoms, dtype=torch.float64)
+    model = StillingerWeber()
+    star = _minimize(model, batch0, fmax=1e-9)
+    g = torch.randn(star.n_atoms, 3, dtype=torch.float64)
+    grads = []
+    for extra in (0.0, 3.0):
+        model.zero_grad()
+        x = implicit_positions(model, star, config=ImplicitConfig(cg_tol=1e-12, cg_max_iter=500))
+        (x * (g + extra)).sum().backward()
+        grads.append(torch.stack([p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-7, atol=1e-9)
+    assert grads[0].abs().max() > 0
