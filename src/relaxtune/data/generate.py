@@ -168,11 +168,12 @@ def choose_pseudopotentials(symbols: list[str], settings: GenerateSettings) -> d
         too_hard = head.get("wfc_cutoff", 0.0) * RY > settings.ecut + 1e-6
         not_nc = head.get("pseudo_type", "").upper() not in ("NC", "SL")
         candidates.setdefault(head["element"], []).append((full_rel, too_hard, not_nc, path.name))
+    lacking = [el for el in missing if el not in candidates]
+    if lacking:
+        raise GenerateError(f"pseudopotentials: no PBE pseudopotential for {', '.join(lacking)} in {folder} "
+                            "(Debian's quantum-espresso-data has few elements; point --pseudo-dir at e.g. the SSSP "
+                            "or pslibrary files, or pass --pseudo EL=FILE)")
     for el in missing:
-        if el not in candidates:
-            raise GenerateError(f"pseudopotentials: no PBE pseudopotential for {el} in {folder} (Debian's "
-                                "quantum-espresso-data has few elements; point --pseudo-dir at e.g. the SSSP or "
-                                "pslibrary files, or pass --pseudo EL=FILE)")
         chosen[el] = sorted(candidates[el])[0][-1]
     return {s: chosen[s] for s in sorted(set(symbols))}
 
