@@ -123,3 +123,17 @@ def test_unsupported_element(model):
     atoms.numbers[0] = 84  # polonium is not among SevenNet-0's species
     with pytest.raises(UnsupportedElementError, match="Po"):
         model.prepare(Batch.from_atoms([atoms]))
+
+
+def test_state_dict_round_trip_between_copies(model):
+    """Fine-tuned weights saved from one instance load into another (deep copies add e3nn fx constants)."""
+    tuned = SevenNetModel(model.net)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.01)
+    fresh = SevenNetModel(model.net)
+    fresh.load_state_dict(tuned.state_dict())
+    batch = Batch.from_atoms([si8()])
+    prepared = tuned.prepare(batch)
+    e_tuned, e_fresh, e_orig = (m.energy(batch, prepared).item() for m in (tuned, fresh, model))
+    assert e_fresh == pytest.approx(e_tuned, abs=1e-5) and abs(e_tuned - e_orig) > 1e-3

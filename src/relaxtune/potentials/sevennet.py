@@ -79,6 +79,15 @@ class SevenNetModel(EnergyModel):
         self.type_map = type_map
         self.supported_numbers = frozenset(int(z) for z in type_map)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``Module.load_state_dict``, tolerant of e3nn's fx constants (``._tensor_constantN``), which
+        appear as extra entries once a SevenNet network has been deep-copied: they are fixed Clebsch-Gordan
+        tables, not weights, so each side keeps its own."""
+        own = self.state_dict()
+        state = {k: v for k, v in state_dict.items() if "._tensor_constant" not in k or k in own}
+        state.update({k: v for k, v in own.items() if "._tensor_constant" in k and k not in state})
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
     @torch.no_grad()
     def prepare(self, batch: Batch) -> SevenNetPrepared:
         self.check_supported(batch)
