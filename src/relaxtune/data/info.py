@@ -66,7 +66,8 @@ def summarize_pairs(pairs: list[RelaxationPair], splits: dict[str, list[str]] | 
         "groups": dict(sorted(by_group.items())),
         "splits": split_info,
         "settings": {
-            "level": dict(Counter(str(p.info.get("level", "unknown")) for p in pairs)),
+            "level": dict(Counter(str(p.info.get("level") or f"not recorded ({p.info.get('format', 'file')})")
+                                  for p in pairs)),
             "calculator": dict(Counter(str(p.info.get("calculator", "unknown")) for p in pairs)),
             "fmax_target": sorted({float(p.info["fmax_target"]) for p in pairs if "fmax_target" in p.info}),
             "relax_cell": dict(Counter("cell relaxed" if p.relax_cell else "fixed cell" for p in pairs)),
@@ -120,7 +121,8 @@ def dataset_info(spec: str | Path) -> dict[str, Any]:
 
 def format_info(info: dict[str, Any]) -> str:
     """Human-readable summary of :func:`dataset_info`."""
-    lines = [f"{info['source']}: {info['n_structures']} relaxations, {info['n_converged']} converged"
+    n = info["n_structures"]
+    lines = [f"{info['source']}: {n} relaxation{'s' if n != 1 else ''}, {info['n_converged']} converged"
              + (f", {info['n_not_converged']} not converged" if info["n_not_converged"] else "")
              + (f", convergence unknown for {info['n_convergence_unknown']}" if info["n_convergence_unknown"] else "")]
     if "n_planned" in info:

@@ -329,8 +329,11 @@ def read_trajectory_pairs(path: Path | str, relax_cell: bool | None = None,
     if stem.lower() in _GENERIC_STEMS:
         stem = path.resolve().parent.name or stem  # VASP/QE runs are named by their folder
     trajectories = _split_trajectories(frames)
-    return [_pair_from_frames(traj, path, i, len(trajectories), stem, stem, relax_cell, max_displacement)
-            for i, traj in enumerate(trajectories)]
+    pairs = [_pair_from_frames(traj, path, i, len(trajectories), stem, stem, relax_cell, max_displacement)
+             for i, traj in enumerate(trajectories)]
+    for p in pairs:
+        p.info.setdefault("format", fmt)
+    return pairs
 
 
 def read_initial_final(initial: Path | str, final: Path | str, relax_cell: bool | None = None,
