@@ -133,7 +133,7 @@ def conjugate_gradient(
         active = active & ~done
         beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
         p = torch.where(_per_atom(active, system_idx), r + _per_atom(beta, system_idx) * p, p)
-        rs = torch.where(active, rs_new, rs)
+        rs = torch.where(active | done, rs_new, rs)
     residual = torch.where(b_norm > 0, rs.sqrt() / b_norm.clamp_min(1e-300), torch.zeros_like(rs))
     return x, {"iterations": it, "converged": converged, "negative": negative, "residual": residual}
 
@@ -268,3 +268,91 @@ def implicit_positions(
         "params": params,
     }
     return ImplicitFixedPoint.apply(batch_star.positions.detach(), x_head, spec, *params)
+
+
+@dataclass
+class TrainingRelaxation:
+    """What ``relax_for_training`` returns: the relax engine's ``RelaxResult`` whose ``batch.positions`` carry
+    the gradient of the chosen mode, and the implicit solver's stats (None for unrolled modes)."""
+
+    result: Any
+    stats: ImplicitStats | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.result.batch.positions
+
+
+def relax_for_training(
+    model: EnergyModel,
+    batch: Batch,
+    config,
+    *,
+    grad_mode: str = "full",
+    step_params: torch.nn.Module | None = None,
+    truncate_steps: int | None = None,
+    checkpoint_every: int | None = None,
+    hybrid_steps: int = 10,
+    implicit: ImplicitConfig = ImplicitConfig(),
+    prepared: Any = None,
+    progress=None,
+) -> TrainingRelaxation:
+    """Relax ``batch`` with ``model`` keeping the gradient that ``grad_mode`` asks for.
+
+    full | truncated | checkpoint go to ``relaxtune.relax.relax`` unchanged. ``implicit`` relaxes without a graph
+    (``config.max_steps`` steps at most) and attaches the fixed-point backward. ``hybrid`` unrolls the first
+    ``hybrid_steps`` steps with a graph (the head, where the basin is decided), continues without a graph to
+    convergence (the tail, restarting the optimizer's internal state such as FIRE velocities), and attaches
+    the fixed-point backward at the end point; structures whose tail did not converge, or whose Hessian is not
+    positive definite there, take the head's unrolled gradient instead (the tail treated as a constant shift).
+    """
+    from relaxtune.relax import relax
+
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode: {grad_mode!r} is not one of {', '.join(GRAD_MODES)}")
+    if grad_mode in ("none", "full", "truncated", "checkpoint"):
+        result = relax(model, batch, config, step_params=step_params, grad_mode=grad_mode,
+                       truncate_steps=truncate_steps, checkpoint_every=checkpoint_every, prepared=prepared,
+                       progress=progress)
+        return TrainingRelaxation(result=result)
+    if getattr(config, "relax_cell", False):
+        raise ValueError(f"grad_mode {grad_mode!r}: cell relaxation is not supported by the implicit backward; "
+                         "use full, truncated or checkpoint")
+    stats = ImplicitStats()
+    if grad_mode == "implicit":
+        with torch.no_grad():
+            result = relax(model, batch, config, step_params=step_params, grad_mode="none", prepared=prepared,
+                           progress=progress)
+        star = result.batch.replace(positions=result.batch.positions.detach())
+        fallback = _blown(result, star)
+        x = implicit_positions(model, star, fallback=fallback, config=implicit, stats=stats)
+        return TrainingRelaxation(result=dataclasses.replace(result, batch=star.replace(positions=x)), stats=stats)
+    # hybrid
+    head_steps = max(1, min(int(hybrid_steps), int(config.max_steps)))
+    head_cfg = dataclasses.replace(config, max_steps=head_steps)
+    head = relax(model, batch, head_cfg, step_params=step_params, grad_mode="checkpoint" if checkpoint_every else "full",
+                 checkpoint_every=checkpoint_every, prepared=prepared, progress=progress)
+    x_head = head.batch.positions
+    tail_steps = int(config.max_steps) - head_steps
+    start = head.batch.replace(positions=x_head.detach())
+    if tail_steps > 0:
+        with torch.no_grad():
+            tail = relax(model, start, dataclasses.replace(config, max_steps=tail_steps), step_params=step_params,
+                         grad_mode="none", progress=progress)
+        n_steps = head.n_steps + tail.n_steps
+    else:
+        tail, n_steps = head, head.n_steps
+    star = tail.batch.replace(positions=tail.batch.positions.detach())
+    fallback = (~tail.converged.to(torch.bool)) | _blown(tail, star)
+    x = implicit_positions(model, star, x_head=x_head, fallback=fallback, config=implicit, stats=stats)
+    result = dataclasses.replace(tail, batch=star.replace(positions=x), n_steps=n_steps)
+    return TrainingRelaxation(result=result, stats=stats)
+
+
+def _blown(result, batch: Batch) -> torch.Tensor:
+    """Structures that blew up (flag from the engine, or non-finite positions)."""
+    blew = getattr(result, "blew_up", None)
+    blew = torch.zeros(batch.n_systems, dtype=torch.bool) if blew is None else blew.to(torch.bool).cpu()
+    bad_atoms = ~torch.isfinite(batch.positions.detach()).all(-1)
+    bad = per_system_sum(bad_atoms.to(torch.float64), batch.system_idx, batch.n_systems) > 0
+    return (blew | bad.cpu()).to(batch.device)
