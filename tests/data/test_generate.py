@@ -249,6 +249,8 @@ def test_pseudopotentials_are_chosen_by_header_not_name(tmp_path):
         h = upf_header(Path(DEFAULT_PSEUDO_DIR) / fname)
         assert h["element"] == el and is_pbe(h["functional"]), (el, fname)
     assert chosen["Si"] == "Si.pbe-rrkj.UPF"  # norm-conserving, scalar-relativistic
+    # Co: the file named "Co.pbesol-..." is PBEsol; the PBE one hides behind a name that says nothing (UPF v1)
+    assert choose_pseudopotentials(["Co"], settings) == {"Co": "CorelUSPBE.RRKJ3.UPF"}
     with pytest.raises(GenerateError, match="no PBE pseudopotential for As, Ga in "):
         choose_pseudopotentials(["Ga", "As"], settings)
     forced = GenerateSettings(calculator="espresso", pseudo_dir=DEFAULT_PSEUDO_DIR,
