@@ -462,6 +462,16 @@ def _select(prob: _Problem, carry: _Carry, keep: torch.Tensor) -> tuple[_Problem
 
 
 # ---------------------------------------------------------------------------------------------- public
+def _check_finite(batch: Batch) -> None:
+    """Non-finite input coordinates are a data error (raised), unlike blow-ups during the run (flagged)."""
+    bad_atoms = ~torch.isfinite(batch.positions.detach()).all(-1)
+    bad = torch.zeros(batch.n_systems, dtype=torch.bool, device=batch.device)
+    bad[batch.system_idx[bad_atoms]] = True
+    bad |= ~torch.isfinite(batch.cell.detach()).reshape(batch.n_systems, -1).all(-1)
+    if bad.any():
+        raise ValueError(f"structure {int(torch.nonzero(bad)[0])}: non-finite positions or cell")
+
+
 def relax(model: EnergyModel, batch: Batch, config: RelaxConfig = RelaxConfig(), *,
           step_params: StepParameters | None = None, grad_mode: str = "none", truncate_steps: int | None = None,
           checkpoint_every: int | None = None, prepared: Any = None, record_trace: bool = False,
@@ -478,6 +488,7 @@ def relax(model: EnergyModel, batch: Batch, config: RelaxConfig = RelaxConfig(),
     if batch.n_systems == 0:
         raise ValueError("empty batch")
     model.check_supported(batch)
+    _check_finite(batch)
     if grad_mode == "truncated":
         if not truncate_steps or truncate_steps < 1:
             raise ValueError("grad_mode='truncated' needs truncate_steps >= 1")
