@@ -1,0 +1,42 @@
+"""``relaxtune report RUN_DIR``: markdown + HTML report with plots for one fine-tuning run.
+
+    relaxtune report runs/chgnet-si --out runs/chgnet-si/report --data builtin:si-defects-mini --split test
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from relaxtune.cli import UserInputError, app
+
+
+@app.command("report")
+def report(
+    run_dir: Path = typer.Argument(..., help="A fine-tuning run directory (summary.json, metrics.csv, best.pt, last.pt)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write report.md, report.html and the PNGs "
+                                       "(default: RUN_DIR/report)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset for the pretrained vs fine-tuned comparison "
+                                       "(file, directory or builtin:NAME; default: the run's own dataset)."),
+    split: str = typer.Option("test", "--split", help="Which split of DATA to compare on."),
+    fmax: Optional[float] = typer.Option(None, "--fmax", help="Relaxation fmax, eV/Å (default: the run's eval_fmax)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Relaxation step cap (default: the run's)."),
+    max_structures: Optional[int] = typer.Option(None, "--max-structures", help="Compare on at most this many."),
+    traces: int = typer.Option(3, "--traces", help="How many structures get an energy-trace panel."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest on a shared machine)."),
+) -> None:
+    """Write a markdown and a self-contained HTML report (with PNG plots) for one fine-tuning run."""
+    import torch
+
+    from relaxtune.report import ReportError, write_report
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        result = write_report(run_dir, out, data=data, split=split, fmax=fmax, max_steps=max_steps,
+                              max_structures=max_structures, traces=traces,
+                              progress=lambda msg: typer.echo(msg, err=True))
+    except ReportError as exc:
+        raise UserInputError(str(exc)) from None
+    typer.echo(f"wrote {result.markdown} and {result.html} ({len(result.plots)} plots)")
