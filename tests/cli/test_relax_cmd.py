@@ -1,0 +1,132 @@
+"""`relaxtune relax`: SW and CHGNet on tiny inputs in several formats, output contents, and one-line errors."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.constraints import FixAtoms
+from ase.io import read, write
+
+from relaxtune.cli import main
+
+
+def run(monkeypatch, capsys, *args):
+    """Run the real entry point; return (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _si(a=5.40, seed=0, rattle=0.05):
+    atoms = bulk("Si", "diamond", a=a, cubic=True)
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+@pytest.fixture
+def si_file(tmp_path):
+    frames = [_si(seed=0), bulk("Si", "diamond", a=5.45), _si(a=5.43, seed=2)]
+    frames[1].rattle(0.03, seed=1)
+    frames[2].set_constraint(FixAtoms([0]))
+    for i, f in enumerate(frames):
+        f.info["name"] = f"si_{i}"
+    path = tmp_path / "in.extxyz"
+    write(path, frames)
+    return path
+
+
+def test_relax_sw_extxyz(monkeypatch, capsys, tmp_path, si_file):
+    out = tmp_path / "out.extxyz"
+    code, stdout, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--fmax", "0.01",
+                               "--batch-size", "2")
+    assert code == 0, stderr
+    assert "relaxed 3 structures with sw: 3 converged" in stdout and "mean steps" in stdout and "wall time" in stdout
+    frames = read(out, ":")
+    initial = read(si_file, ":")
+    assert [f.info["name"] for f in frames] == ["si_0", "si_1", "si_2"]
+    for before, after in zip(initial, frames):
+        assert after.info["converged"] is True or after.info["converged"] == True  # noqa: E712
+        assert after.info["n_steps"] > 0 and after.info["fmax"] < 0.01
+        free = np.ones(len(after), bool)
+        if before.constraints:
+            free[before.constraints[0].get_indices()] = False
+        assert np.linalg.norm(after.get_forces(apply_constraint=False)[free], axis=1).max() < 0.01
+        assert after.get_potential_energy() < before.get_potential_energy() if before.calc else True
+        np.testing.assert_allclose(after.cell.array, before.cell.array)
+    np.testing.assert_allclose(frames[2].positions[0], initial[2].positions[0])  # fixed atom kept
+
+
+def test_relax_cell_gd_poscar_and_cif(monkeypatch, capsys, tmp_path):
+    atoms = _si(a=5.30, seed=3)
+    for fmt, name in (("vasp", "POSCAR"), ("cif", "si.cif")):
+        path = tmp_path / name
+        write(path, atoms, format=fmt)
+        out = tmp_path / f"relaxed_{fmt}.extxyz"
+        code, stdout, stderr = run(monkeypatch, capsys, "relax", path, "-o", out, "--model", "sw", "--cell",
+                                   "--optimizer", "fire", "--fmax", "0.005")
+        assert code == 0, stderr
+        relaxed = read(out)
+        a = (abs(np.linalg.det(relaxed.cell.array)) / len(relaxed) * 8) ** (1 / 3)
+        assert a == pytest.approx(5.431, abs=5e-3)
+        assert np.abs(relaxed.get_stress()).max() < 1e-3
+    out = tmp_path / "gd.extxyz"
+    code, stdout, _ = run(monkeypatch, capsys, "relax", tmp_path / "POSCAR", "-o", out, "--model", "sw",
+                          "--optimizer", "gd", "--step-size", "0.03", "--max-steps", "3")
+    assert code == 0 and "0 converged" in stdout
+    assert read(out).info["n_steps"] == 3
+
+
+@pytest.mark.parametrize("make,problem", [
+    (lambda p: p.write_text("this is not a structure file\n"), "cannot read structures"),
+    (lambda p: write(p, [_si(), Atoms("Si2", positions=[[0, 0, 0], [np.nan, 0, 0]], cell=[5, 5, 5], pbc=True)],
+                     format="extxyz"), "structure 1: positions: non-finite coordinates"),
+    (lambda p: write(p, [_si(), _si(), Atoms("Si2", positions=[[0, 0, 0], [1, 1, 1]],
+                                            cell=[[5, 0, 0], [5, 0, 0], [0, 0, 5]], pbc=True)], format="extxyz"),
+     "structure 2: cell: singular"),
+    (lambda p: write(p, [_si(), bulk("Ge", "diamond", a=5.66)], format="extxyz"),
+     "structure 1: element Ge (Z=32) is not supported by sw"),
+    (lambda p: p.write_text(""), "in.extxyz"),
+])
+def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, tmp_path, make, problem):
+    path = tmp_path / "in.extxyz"
+    make(path)
+    code, stdout, stderr = run(monkeypatch, capsys, "relax", path, "-o", tmp_path / "o.extxyz", "--model", "sw")
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr
+    assert str(path) in lines[0] and problem in lines[0]
+
+
+def test_missing_file_and_bad_model(monkeypatch, capsys, tmp_path, si_file):
+    code, _, stderr = run(monkeypatch, capsys, "relax", tmp_path / "nope.xyz", "-o", tmp_path / "o.extxyz")
+    assert code == 2 and "nope.xyz: no such file" in stderr
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", tmp_path / "o.extxyz", "--model", "nonsense")
+    assert code == 2 and "--model nonsense" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_relax_chgnet_traj(monkeypatch, capsys, tmp_path):
+    frames = [_si(seed=5), _si(a=5.46, seed=6)]
+    path = tmp_path / "in.traj"
+    write(path, frames)
+    out = tmp_path / "out.extxyz"
+    code, stdout, stderr = run(monkeypatch, capsys, "relax", path, "-o", out, "--model", "chgnet", "--fmax", "0.05")
+    assert code == 0, stderr
+    assert "relaxed 2 structures with chgnet: 2 converged" in stdout
+    relaxed = read(out, ":")
+    assert all(f.info["converged"] for f in relaxed)
+    assert all(np.linalg.norm(f.get_forces(), axis=1).max() < 0.05 for f in relaxed)
+    # CHGNet knows Ge; a structure with an element outside CHGNet's range is refused by name
+    bad = tmp_path / "bad.extxyz"
+    write(bad, [_si(), Atoms("Og", positions=[[0, 0, 0]], cell=[6, 6, 6], pbc=True)])
+    code, _, stderr = run(monkeypatch, capsys, "relax", bad, "-o", out, "--model", "chgnet")
+    assert code == 2 and "structure 1: element Og" in stderr
