@@ -20,10 +20,12 @@ to rotations (zero torque), so the components of v along null modes contribute n
 of g is the exact derivative of X* with respect to a rigid shift of the starting point, and is passed back to
 the unrolled head in ``hybrid`` mode. Fixed atoms are removed from the system (their rows of g, v and Hv are 0).
 
-Structures whose Hessian shows negative curvature along a CG direction (the relaxation stopped at a saddle or
-did not converge) have no meaningful fixed-point gradient: in ``implicit`` mode their gradient is dropped
-(counted in the stats), in ``hybrid`` mode it falls back to the unrolled head, treating the tail as a constant
-shift (the "truncated" approximation), as it does for structures whose tail relaxation did not converge.
+Where CG meets a direction of non-positive curvature (the relaxation stopped near a saddle or a flat region,
+or float32 round-off in a soft mode) that structure's CG stops and keeps its current iterate, as truncated
+Newton-CG (Steihaug) does: the solution restricted to the Krylov space explored so far (counted in
+``ImplicitStats.truncated``). Structures that blew up get no fixed-point gradient. In ``hybrid`` mode,
+structures whose tail relaxation did not converge (or blew up) take the unrolled head's gradient instead,
+treating the tail as a constant shift (the "truncated" approximation).
 
 The parameters η of the relaxation (``StepParameters``) do not move a fixed point, so ``implicit`` gives them
 zero gradient; ``hybrid`` reaches them only through the head of fallback structures.
@@ -66,7 +68,7 @@ class ImplicitStats:
     cg_converged: list[bool] = field(default_factory=list)
     negative_curvature: list[bool] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
-    dropped: int = 0  # implicit mode: structures whose gradient was dropped
+    truncated: int = 0  # structures whose CG stopped at a direction of negative curvature
     fallback: int = 0  # hybrid mode: structures whose gradient went through the unrolled head instead
 
 
@@ -103,8 +105,8 @@ def conjugate_gradient(
 ) -> tuple[torch.Tensor, dict]:
     """Solve A x = b for a block-diagonal SPD ``matvec`` (one block per structure), all blocks at once.
 
-    Each structure has its own step sizes and stops on its own; a non-positive curvature pᵀAp <= 0 marks it
-    failed and freezes it. Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
+    Each structure has its own step sizes and stops on its own; a non-positive curvature pᵀAp <= 0 makes it
+    stop there, keeping its current iterate (truncated CG). Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
     """
     x = torch.zeros_like(b)
     r = b.clone()
@@ -206,38 +208,20 @@ class ImplicitFixedPoint(torch.autograd.Function):
         g_norm = per_system_sum((g * g).sum(-1), sys_idx, batch_star.n_systems)
         solve = (~fallback) & (g_norm > 0)
         param_grads: list[torch.Tensor | None] = [None] * ctx.n_params
-        negative = torch.zeros_like(fallback)
         if bool(solve.any()) and ctx.n_params > 0:
             idx = torch.nonzero(solve).flatten()
-            sub = batch_star.select(idx)
             atom_mask = solve[sys_idx]
-            grads, _, info = implicit_vjp(model, sub, g[atom_mask], params, cfg)
-            negative_sub = info["negative"]
-            if bool(negative_sub.any()):
-                # Redo without the saddle structures: their θ-gradient is not defined.
-                keep = idx[~negative_sub]
-                negative[idx[negative_sub]] = True
-                grads = [None] * ctx.n_params
-                if keep.numel() > 0:
-                    keep_mask = torch.zeros_like(solve)
-                    keep_mask[keep] = True
-                    grads, _, info2 = implicit_vjp(
-                        model, batch_star.select(keep), g[keep_mask[sys_idx]], params, cfg
-                    )
-                    info["iterations"] += info2["iterations"]
-            param_grads = grads
+            param_grads, _, info = implicit_vjp(model, batch_star.select(idx), g[atom_mask], params, cfg)
             stats.cg_iterations += int(info["iterations"])
             stats.cg_converged = info["converged"].tolist()
-            stats.negative_curvature = negative_sub.tolist()
+            stats.negative_curvature = info["negative"].tolist()
+            stats.truncated += int(info["negative"].sum())
             stats.residual = info["residual"].tolist()
         head_grad = None
         if ctx.has_head:
             _, null_part = _translation_projector(batch_star, cfg.project_translations)
-            to_head = fallback | negative
-            stats.fallback += int(to_head.sum())
-            head_grad = torch.where(to_head[sys_idx].unsqueeze(-1), g, null_part(g))
-        else:
-            stats.dropped += int(negative.sum())
+            stats.fallback += int(fallback.sum())
+            head_grad = torch.where(fallback[sys_idx].unsqueeze(-1), g, null_part(g))
         return (None, head_grad, None, *param_grads)
 
 
@@ -293,6 +277,7 @@ def relax_for_training(
     truncate_steps: int | None = None,
     checkpoint_every: int | None = None,
     hybrid_steps: int = 10,
+    head_mode: str = "full",
     implicit: ImplicitConfig = ImplicitConfig(),
     prepared: Any = None,
     progress=None,
@@ -301,7 +286,8 @@ def relax_for_training(
 
     full | truncated | checkpoint go to ``relaxtune.relax.relax`` unchanged. ``implicit`` relaxes without a graph
     (``config.max_steps`` steps at most) and attaches the fixed-point backward. ``hybrid`` unrolls the first
-    ``hybrid_steps`` steps with a graph (the head, where the basin is decided), continues without a graph to
+    ``hybrid_steps`` steps with a graph (the head, where the basin is decided; ``head_mode`` full or checkpoint),
+    continues without a graph to
     convergence (the tail, restarting the optimizer's internal state such as FIRE velocities), and attaches
     the fixed-point backward at the end point; structures whose tail did not converge, or whose Hessian is not
     positive definite there, take the head's unrolled gradient instead (the tail treated as a constant shift).
@@ -330,8 +316,11 @@ def relax_for_training(
     # hybrid
     head_steps = max(1, min(int(hybrid_steps), int(config.max_steps)))
     head_cfg = dataclasses.replace(config, max_steps=head_steps)
-    head = relax(model, batch, head_cfg, step_params=step_params, grad_mode="checkpoint" if checkpoint_every else "full",
-                 checkpoint_every=checkpoint_every, prepared=prepared, progress=progress)
+    if head_mode not in ("full", "checkpoint"):
+        raise ValueError(f"head_mode: {head_mode!r} is not full or checkpoint")
+    head = relax(model, batch, head_cfg, step_params=step_params, grad_mode=head_mode,
+                 checkpoint_every=(checkpoint_every or 1) if head_mode == "checkpoint" else None, prepared=prepared,
+                 progress=progress)
     x_head = head.batch.positions
     tail_steps = int(config.max_steps) - head_steps
     start = head.batch.replace(positions=x_head.detach())

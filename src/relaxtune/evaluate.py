@@ -1,0 +1,147 @@
+"""How well a model relaxes: relax every initial structure of a dataset and compare with the DFT-relaxed one.
+
+The model relaxes with FIRE to ``fmax`` 0.02 eV/Å by default, as tight as the shipped reference data (BFGS to
+0.02), so that the Dq left measures the model, not the convergence noise of either side. Structures relax
+together in batches (``batch_size``). Metrics: Dq mean/median, RMSD and max displacement (minimum image),
+basin match rate (max displacement < 0.1 Å), converged rate, steps; per-structure rows add the relaxed-energy
+error where the dataset has a DFT energy (model and DFT total energies; their difference includes any constant
+reference offset between the two, so compare errors between models, not to zero).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from relaxtune.potentials.base import EnergyModel
+from relaxtune.state import Batch
+from relaxtune.train import losses
+
+#: max per-atom displacement (Å) below which the model found the DFT basin.
+BASIN_TOLERANCE = 0.1
+
+
+@dataclass
+class Evaluation:
+    """``metrics``: the summary dict; ``rows``: one dict per structure."""
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def model_dtype(model: torch.nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a model computes in (its first floating parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _median(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.median(vals)) if vals else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics dict from per-structure rows (blown-up structures count as not converged and out of
+    basin, and are left out of the distance means)."""
+    n = len(rows)
+    dqs = [r["dq"] for r in rows]
+    out = {
+        "n": n,
+        "dq_mean": _mean(dqs),
+        "dq_median": _median(dqs),
+        "rmsd_mean": _mean([r["rmsd"] for r in rows]),
+        "max_disp_mean": _mean([r["max_disp"] for r in rows]),
+        "basin_match_rate": (sum(bool(r["basin_match"]) for r in rows) / n) if n else None,
+        "converged_rate": (sum(bool(r["converged"]) for r in rows) / n) if n else None,
+        "steps_mean": _mean([float(r["steps"]) for r in rows]),
+        "n_blew_up": sum(bool(r.get("blew_up")) for r in rows),
+    }
+    errs = [r["energy_error_per_atom"] for r in rows if r.get("energy_error_per_atom") is not None]
+    if errs:
+        out["energy_error_per_atom_mean"] = _mean(errs)
+        out["energy_mae_per_atom"] = _mean([abs(e) for e in errs])
+    return out
+
+
+def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    size = max(1, int(size))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate(
+    model: EnergyModel,
+    pairs: Sequence,
+    *,
+    fmax: float = 0.02,
+    optimizer: str = "fire",
+    max_steps: int = 500,
+    batch_size: int = 4,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Relax each pair's initial structure with ``model`` (no graph) and compare with its final structure."""
+    from relaxtune.relax import RelaxConfig, relax
+
+    dtype = dtype or model_dtype(model)
+    config = RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps)
+    rows: list[dict[str, Any]] = []
+    chunks = _chunks(list(pairs), batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False)
+    for chunk in chunks:
+        batch = Batch.from_atoms([p.initial for p in chunk], dtype=dtype)
+        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype)
+        model.check_supported(batch)
+        with torch.no_grad():
+            result = relax(model, batch, config, grad_mode="none")
+        final = result.batch.replace(positions=result.batch.positions.detach())
+        with torch.no_grad():
+            dq = losses.dq(final, reference)
+            rmsd = losses.rmsd(final, reference)
+            mx = losses.max_displacement(final, reference)
+        blew = getattr(result, "blew_up", None)
+        blew = torch.zeros(len(chunk), dtype=torch.bool) if blew is None else blew.detach().cpu()
+        energy = result.energy.detach().cpu().double()
+        for k, pair in enumerate(chunk):
+            bad = bool(blew[k]) or not math.isfinite(float(dq[k]))
+            e_model = float(energy[k]) if not bad else None
+            e_dft = pair.energy_final
+            row = {
+                "name": pair.name,
+                "group": pair.group,
+                "n_atoms": len(pair.initial),
+                "dq": None if bad else float(dq[k]),
+                "rmsd": None if bad else float(rmsd[k]),
+                "max_disp": None if bad else float(mx[k]),
+                "basin_match": (not bad) and float(mx[k]) < BASIN_TOLERANCE,
+                "steps": int(result.n_steps[k]),
+                "converged": (not bad) and bool(result.converged[k]),
+                "blew_up": bad,
+                "energy": e_model,
+                "energy_dft": e_dft,
+                "energy_error_per_atom": (
+                    (e_model - e_dft) / len(pair.initial) if (e_model is not None and e_dft is not None) else None
+                ),
+            }
+            rows.append(row)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    metrics = summarize(rows)
+    metrics.update({"fmax": fmax, "optimizer": optimizer, "max_steps": max_steps})
+    return Evaluation(metrics=metrics, rows=rows)

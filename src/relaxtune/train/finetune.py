@@ -1,0 +1,575 @@
+"""The trainer: fine-tune a pretrained potential by backpropagating through relaxations (or, as the baseline,
+on the energies and forces of the DFT trajectory frames).
+
+One optimizer step (``objective="structure"``): relax a mini-batch of initial structures together with the
+model (``relax_for_training``, gradient mode ``config.grad``), measure Dq of each relaxed structure to its DFT
+relaxed counterpart, average over the structures that did not blow up, backpropagate into the model weights
+(and the relaxation's ``StepParameters`` when ``learn_step``), clip, step AdamW and the LR schedule.
+Structures whose relaxation blew up (non-finite or huge forces) are left out of the loss and counted; a batch
+whose gradient is still not finite is retried once without them, and skipped (counted) if that fails too.
+
+Each epoch ends with validation (Dq of FIRE relaxations to ``eval_fmax`` over the validation pairs, as in
+``relaxtune evaluate``), a row in ``metrics.csv``, ``best.pt`` when validation Dq improved and ``last.pt``
+(which also holds the optimizer, scheduler, RNG and history: ``resume=True`` continues a killed run from it to
+the same result, because the data order of each epoch is drawn from a generator seeded by (seed, epoch), not
+from global state). Epoch 0 is the pretrained model (the "before" figure). ``summary.json`` holds the before /
+after validation metrics and how far each parameter group moved (||θ-θ0|| / ||θ0||, model weights vs
+relaxation parameters: the reference paper's "preference" finding).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.state import Batch
+from relaxtune.train import checkpoint as ckpt
+from relaxtune.train import losses
+from relaxtune.train.config import TrainConfig
+
+#: CHGNet's module names (children of ``chgnet.model.CHGNet``; our adapter holds it as ``model``).
+CHGNET_READOUT = ("mlp", "readout_norm")
+CHGNET_EMBEDDINGS = ("atom_embedding", "bond_basis_expansion", "bond_embedding", "bond_weights_ag",
+                     "bond_weights_bg", "angle_basis_expansion", "angle_embedding", "composition_model")
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
+                 "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
+                 "val_dq_mean", "val_dq_median", "val_rmsd_mean", "val_max_disp_mean", "val_basin_match_rate",
+                 "val_converged_rate", "val_steps_mean", "step_size", "is_best", "time_s"]
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+def _components(name: str) -> list[str]:
+    return name.split(".")
+
+
+def select_trainable(model: torch.nn.Module, spec: str) -> dict[str, int]:
+    """Set ``requires_grad`` by ``spec``: all | readout | freeze-embeddings | comma-separated name fragments.
+
+    readout = CHGNet's ``mlp`` and ``readout_norm`` (other models: the last top-level module with
+    parameters); freeze-embeddings = everything but CHGNet's embeddings and basis expansions (atom, bond,
+    angle; the AtomRef composition model). Returns {"trainable": n, "frozen": n} parameter counts.
+    """
+    named = list(model.named_parameters())
+    if spec == "all":
+        keep = {n for n, _ in named}
+    elif spec == "readout":
+        keep = {n for n, _ in named if any(c in CHGNET_READOUT for c in _components(n))}
+        if not keep:
+            tops = [n.split(".")[0] for n, _ in named]
+            last = tops[-1] if tops else None
+            keep = {n for n, _ in named if n.split(".")[0] == last}
+    elif spec in ("freeze-embeddings", "freeze_embeddings"):
+        keep = {n for n, _ in named if not any(c in CHGNET_EMBEDDINGS for c in _components(n))}
+    else:
+        frags = [f.strip() for f in spec.split(",") if f.strip()]
+        keep = {n for n, _ in named if any(f in n for f in frags)}
+    if not keep:
+        raise ValueError(f"train_params {spec!r}: no parameter of the model matches")
+    for n, p in named:
+        p.requires_grad_(n in keep)
+    n_train = sum(p.numel() for n, p in named if n in keep)
+    return {"trainable": int(n_train), "frozen": int(sum(p.numel() for _, p in named) - n_train)}
+
+
+def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([p.detach().reshape(-1).double() for p in params])
+
+
+def movement(now: torch.Tensor, start: torch.Tensor) -> dict[str, float]:
+    """||θ-θ0||, ||θ0|| and their ratio."""
+    diff = float(torch.linalg.vector_norm(now - start)) if now.numel() else 0.0
+    base = float(torch.linalg.vector_norm(start)) if start.numel() else 0.0
+    return {"relative": diff / base if base > 0 else (0.0 if diff == 0 else math.inf),
+            "absolute": diff, "initial_norm": base, "n": int(start.numel())}
+
+
+def lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup, then cosine to ``min_lr_ratio`` (or constant)."""
+    warm = int(math.ceil(config.warmup_frac * total_steps)) if config.warmup_frac > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    n: int = 0
+    steps: list[int] = field(default_factory=list)
+    converged: list[bool] = field(default_factory=list)
+    skipped_structures: int = 0
+    skipped_batches: int = 0
+    cg_iterations: int = 0
+    fallback: int = 0
+    truncated: int = 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _frames(pair) -> list:
+    """DFT frames with energy and forces (the trajectory, else initial and final if they carry them)."""
+    frames = list(pair.trajectory) if pair.trajectory else [pair.initial, pair.final]
+    out = []
+    for a in frames:
+        try:
+            e, f = a.get_potential_energy(), a.get_forces()
+        except Exception:
+            continue
+        if e is not None and f is not None and np.all(np.isfinite(f)) and np.isfinite(e):
+            out.append(a)
+    return out
+
+
+class Trainer:
+    """Fine-tunes ``config.model`` on ``train`` pairs, validating on ``val`` pairs, writing into ``out_dir``."""
+
+    def __init__(self, config: TrainConfig, train: Sequence, val: Sequence, out_dir: str | Path, *,
+                 model: EnergyModel | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
+        if len(train) == 0:
+            raise ValueError("no training structures")
+        self.config = config
+        self.train = list(train)
+        self.val = list(val)
+        self.out = Path(out_dir)
+        self.progress = progress
+        self._log = log
+        self.dtype = _dtype(config.dtype)
+        self.model_spec = ckpt.base_model_spec(config.model)
+        if model is None:
+            from relaxtune.potentials import load_model
+
+            model = load_model(config.model, dtype=self.dtype)
+        self.model = model
+        self.model.eval()  # no dropout / batch statistics: training differentiates the inference model
+        self.counts = select_trainable(self.model, config.train_params)
+        self.step_params = None
+        if config.learn_step:
+            from relaxtune.relax import StepParameters
+
+            self.step_params_kwargs = {"step_size": 0.02 if config.optimizer == "gd" else 0.1}
+            self.step_params = StepParameters(**self.step_params_kwargs)
+        else:
+            self.step_params_kwargs = None
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.relax_params = list(self.step_params.parameters()) if self.step_params is not None else []
+        groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay, "name": "model"}]
+        if self.relax_params:
+            groups.append({"params": self.relax_params, "lr": config.step_lr, "weight_decay": 0.0, "name": "relax"})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.batches_per_epoch = int(math.ceil(len(self.train) / config.batch_size))
+        self.total_steps = config.epochs * self.batches_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
+        self.theta0_model = _flat(self.model_params)
+        self.theta0_relax = _flat(self.relax_params)
+        self.module_names = sorted({".".join(n.split(".")[:2]) for n, p in self.model.named_parameters()
+                                    if p.requires_grad})
+        self.theta0_modules = {m: _flat(self._module_params(m)) for m in self.module_names}
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.started = time.time()
+        self.elapsed_before = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        elif self.progress:
+            from tqdm import tqdm
+
+            tqdm.write(msg)
+
+    def _module_params(self, prefix: str) -> list[torch.Tensor]:
+        return [p for n, p in self.model.named_parameters() if p.requires_grad and
+                (n == prefix or n.startswith(prefix + "."))]
+
+    def _relax_config(self):
+        from relaxtune.relax import RelaxConfig
+
+        c = self.config
+        return RelaxConfig(optimizer=c.optimizer, fmax=c.fmax, max_steps=c.steps, blowup_force=c.max_force)
+
+    def _implicit_config(self):
+        from relaxtune.relax.implicit import ImplicitConfig
+
+        c = self.config
+        return ImplicitConfig(cg_tol=c.cg_tol, cg_max_iter=c.cg_max_iter, damping=c.damping)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(int(self.config.seed) * 100003 + int(epoch))
+        return torch.randperm(len(self.train), generator=gen).tolist()
+
+    def _grads_finite(self) -> bool:
+        for p in self.model_params + self.relax_params:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _structure_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
+        """Relax ``pairs`` with the graph, backward the mean loss. Returns (loss sum, n used, blew-up mask)."""
+        from relaxtune.relax.implicit import relax_for_training
+
+        c = self.config
+        batch = Batch.from_atoms([p.initial for p in pairs], dtype=self.dtype)
+        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype)
+        out = relax_for_training(
+            self.model, batch, self._relax_config(), grad_mode=c.grad, step_params=self.step_params,
+            truncate_steps=c.truncate_steps, checkpoint_every=c.checkpoint_every, hybrid_steps=c.hybrid_steps,
+            implicit=self._implicit_config(),
+        )
+        res = out.result
+        weights = losses.StructureLossWeights(dq=c.dq_weight, rmsd=c.rmsd_weight)
+        per = losses.structure_loss(res.batch, reference, weights)
+        blew = res.blew_up.to(torch.bool) | ~torch.isfinite(per.detach())
+        n_ok = int((~blew).sum())
+        if n_ok:
+            loss = torch.where(blew, torch.zeros_like(per), per).sum() / n_ok
+            if loss.requires_grad:
+                loss.backward()
+        if out.stats is not None:
+            stats.cg_iterations += out.stats.cg_iterations
+            stats.fallback += out.stats.fallback
+            stats.truncated += out.stats.truncated
+        stats.steps.extend(res.n_steps.tolist())
+        stats.converged.extend(res.converged.tolist())
+        loss_sum = float(torch.where(blew, torch.zeros_like(per), per).detach().sum())
+        return loss_sum, n_ok, blew
+
+    def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
+        """Baseline: MSE of forces and relative energies over every DFT frame of ``pairs`` (chunks, grad
+        accumulation). Returns (mean loss per structure summed, n structures, blew-up mask (none))."""
+        c = self.config
+        per_structure = []
+        chunks = []
+        for k, pair in enumerate(pairs):
+            frames = _frames(pair)
+            if not frames:
+                continue
+            ref = frames[-1]
+            for i in range(0, len(frames), c.frame_chunk):
+                chunks.append((k, ref, frames[i:i + c.frame_chunk], i == 0))
+        n_frames = sum(len(ch[2]) for ch in chunks)
+        if n_frames == 0:
+            return 0.0, 0, torch.zeros(len(pairs), dtype=torch.bool)
+        total = 0.0
+        for k, ref, frames, first in chunks:
+            structures = [ref] + list(frames)
+            batch = Batch.from_atoms(structures, dtype=self.dtype)
+            prepared = self.model.prepare(batch)
+            ef = energy_and_forces(self.model, batch, prepared, create_graph=True)
+            e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype)
+            f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype)
+            n_at = float(len(ref))
+            d_model = ef.energy[1:] - ef.energy[0]
+            d_dft = e_dft[1:] - e_dft[0]
+            e_term = ((d_model - d_dft) / n_at) ** 2
+            f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
+            loss = c.energy_weight * e_term.sum() + c.force_weight * f_per[1:].sum()
+            # scale: mean over the batch's frames
+            scaled = loss / n_frames
+            if scaled.requires_grad:
+                scaled.backward()
+            total += float(loss.detach())
+        return total / n_frames * len(pairs), len(pairs), torch.zeros(len(pairs), dtype=torch.bool)
+
+    def _step(self, pairs: Sequence, stats: EpochStats) -> None:
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        fn = self._structure_loss if c.objective == "structure" else self._forces_loss
+        loss_sum, n_ok, blew = fn(pairs, stats)
+        stats.skipped_structures += int(blew.sum())
+        if n_ok and not self._grads_finite() and bool(blew.any()):
+            # NaNs of a blown-up structure can leak into the shared gradient (0 * inf): retry without it
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = [p for p, b in zip(pairs, blew.tolist()) if not b]
+            loss_sum, n_ok, blew2 = fn(kept, EpochStats())
+            stats.skipped_structures += int(blew2.sum())
+        if n_ok == 0 or not self._grads_finite():
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped_batches += 1
+            self.scheduler.step()  # keep the schedule aligned with the planned number of steps
+            return
+        if c.grad_clip > 0:
+            for group in self.optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], c.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        stats.loss_sum += loss_sum
+        stats.n += n_ok
+
+    # ------------------------------------------------------------------ validation, checkpoints
+    def validate(self) -> dict[str, Any] | None:
+        if not self.val:
+            return None
+        from relaxtune.evaluate import evaluate
+
+        c = self.config
+        result = evaluate(self.model, self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer,
+                          max_steps=c.eval_max_steps, batch_size=c.batch_size, dtype=self.dtype)
+        return result.metrics
+
+    def _payload(self, metrics: dict[str, Any] | None, with_trainer: bool) -> dict[str, Any]:
+        data = {
+            "format": ckpt.FORMAT,
+            "version": ckpt.VERSION,
+            "model_spec": self.model_spec,
+            "model_name": getattr(self.model, "name", "model"),
+            "dtype": self.config.dtype,
+            "state_dict": self.model.state_dict(),
+            "step_params": self.step_params.state_dict() if self.step_params is not None else None,
+            "step_params_kwargs": self.step_params_kwargs,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "metrics": _jsonable(metrics) if metrics else {},
+        }
+        if with_trainer:
+            data["trainer"] = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "history": json.dumps(_jsonable(self.history)),
+                "best": json.dumps(_jsonable(self.best)),
+                "bad_epochs": self.bad_epochs,
+                "stopped_early": self.stopped_early,
+                "theta0_model": self.theta0_model,
+                "theta0_relax": self.theta0_relax,
+                "theta0_modules": self.theta0_modules,
+                "elapsed": self.elapsed_before + (time.time() - self.started),
+            }
+        return data
+
+    def _write_metrics(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+        ckpt.atomic_write_text(buf.getvalue(), self.out / "metrics.csv")
+
+    def _restore(self, path: Path) -> None:
+        data = ckpt.read_checkpoint(path)
+        if "trainer" not in data:
+            raise ValueError(f"{path}: has no trainer state (resume needs last.pt)")
+        self.model.load_state_dict(data["state_dict"])
+        if self.step_params is not None and data.get("step_params") is not None:
+            self.step_params.load_state_dict(data["step_params"])
+        tr = data["trainer"]
+        self.optimizer.load_state_dict(tr["optimizer"])
+        self.scheduler.load_state_dict(tr["scheduler"])
+        ckpt.set_rng_state(tr["rng"])
+        self.history = json.loads(tr["history"])
+        self.best = json.loads(tr["best"])
+        self.bad_epochs = int(tr["bad_epochs"])
+        self.stopped_early = bool(tr["stopped_early"])
+        self.theta0_model = tr["theta0_model"]
+        self.theta0_relax = tr["theta0_relax"]
+        self.theta0_modules = dict(tr["theta0_modules"])
+        self.elapsed_before = float(tr.get("elapsed", 0.0))
+        self.epoch = int(data["epoch"])
+
+    # ------------------------------------------------------------------ the run
+    def _record(self, epoch: int, stats: EpochStats | None, val: dict | None, seconds: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(seconds, 3)}
+        if stats is not None:
+            row.update({
+                "train_loss": stats.loss_sum / stats.n if stats.n else None, "train_n": stats.n,
+                "train_steps_mean": float(np.mean(stats.steps)) if stats.steps else None,
+                "train_converged_rate": float(np.mean(stats.converged)) if stats.converged else None,
+                "skipped_structures": stats.skipped_structures, "skipped_batches": stats.skipped_batches,
+                "cg_iterations": stats.cg_iterations, "implicit_fallback": stats.fallback,
+                "cg_truncated": stats.truncated,
+            })
+        if val is not None:
+            for key in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate",
+                        "converged_rate", "steps_mean"):
+                row[f"val_{key}"] = val.get(key)
+        if self.step_params is not None:
+            row["step_size"] = float(self.step_params.step_size.detach())
+        # best: lowest validation Dq (or training loss without a validation set)
+        score = row.get("val_dq_mean") if self.val else row.get("train_loss")
+        improved = False
+        if score is not None and math.isfinite(score):
+            best_score = self.best.get("score") if self.best else None
+            best_score = math.inf if best_score is None else best_score
+            if score < best_score - self.config.min_delta:
+                improved = True
+        if epoch == 0 and not self.val:
+            improved = self.best is None  # the pretrained model is the first "best" without validation
+            score = math.inf if score is None else score
+        row["is_best"] = improved
+        if improved:
+            self.best = {"epoch": epoch, "score": score, "val": val, "train_loss": row.get("train_loss")}
+            self.bad_epochs = 0
+        elif epoch > 0:
+            self.bad_epochs += 1
+        self.history.append(row)
+        return row
+
+    def _save(self, row: dict[str, Any], val: dict | None) -> None:
+        if row["is_best"]:
+            ckpt.atomic_save(self._payload(val, with_trainer=False), self.out / "best.pt")
+        ckpt.atomic_save(self._payload(val, with_trainer=True), self.out / "last.pt")
+        self._write_metrics()
+
+    def run(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
+        """Train (or continue from ``out_dir/last.pt`` with ``resume``); returns the summary dict.
+        ``stop_after_epoch`` ends the run after that epoch's checkpoint, as a kill would (tests)."""
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed % (2**32))
+        last = self.out / "last.pt"
+        if resume and last.exists():
+            self._restore(last)
+            self.log(f"resumed from {last} at epoch {self.epoch}")
+        else:
+            t0 = time.time()
+            val = self.validate()
+            row = self._record(0, None, val, time.time() - t0)
+            self._save(row, val)
+            self.log(self._line(row))
+        while self.epoch < c.epochs and not self.stopped_early:
+            if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                return {}
+            epoch = self.epoch + 1
+            t0 = time.time()
+            stats = EpochStats()
+            order = self._epoch_order(epoch)
+            bar = None
+            if self.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(order), desc=f"epoch {epoch}/{c.epochs}", unit="structure", leave=False)
+            for b in range(self.batches_per_epoch):
+                idx = order[b * c.batch_size:(b + 1) * c.batch_size]
+                self._step([self.train[i] for i in idx], stats)
+                if bar is not None:
+                    bar.update(len(idx))
+                    if stats.n:
+                        bar.set_postfix(loss=f"{stats.loss_sum / stats.n:.4f}")
+            if bar is not None:
+                bar.close()
+            val = self.validate()
+            self.epoch = epoch
+            row = self._record(epoch, stats, val, time.time() - t0)
+            if c.patience > 0 and self.bad_epochs >= c.patience:
+                self.stopped_early = True
+            self._save(row, val)
+            self.log(self._line(row))
+        summary = self.summary()
+        ckpt.atomic_write_text(json.dumps(_jsonable(summary), indent=2) + "\n", self.out / "summary.json")
+        return summary
+
+    def _line(self, row: dict[str, Any]) -> str:
+        parts = [f"epoch {row['epoch']}"]
+        if row.get("train_loss") is not None:
+            parts.append(f"train Dq {row['train_loss']:.4f}")
+        if row.get("val_dq_mean") is not None:
+            parts.append(f"val Dq {row['val_dq_mean']:.4f}")
+        if row.get("skipped_structures"):
+            parts.append(f"skipped {row['skipped_structures']}")
+        if row.get("is_best"):
+            parts.append("*")
+        return "  ".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        before = self.history[0] if self.history else {}
+        best_epoch = self.best["epoch"] if self.best else None
+        best_row = next((r for r in self.history if r["epoch"] == best_epoch), {})
+        last_row = self.history[-1] if self.history else {}
+        moved = {"model": movement(_flat(self.model_params), self.theta0_model)}
+        if self.relax_params:
+            moved["relax"] = movement(_flat(self.relax_params), self.theta0_relax)
+        moved["model_by_module"] = {
+            m: movement(_flat(self._module_params(m)), self.theta0_modules[m])["relative"] for m in self.module_names
+            if m in self.theta0_modules
+        }
+        keys = ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
+                "steps_mean")
+        def pick(row):
+            return {k: row.get(f"val_{k}") for k in keys}
+
+        out = {
+            "config": self.config.to_dict(),
+            "model_spec": self.model_spec,
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "train_names": [p.name for p in self.train],
+            "val_names": [p.name for p in self.val],
+            "parameters": self.counts,
+            "epochs_run": self.epoch,
+            "stopped_early": self.stopped_early,
+            "best_epoch": best_epoch,
+            "val_before": pick(before),
+            "val_after": pick(best_row),
+            "val_last": pick(last_row),
+            "train_loss_first_epoch": next((r.get("train_loss") for r in self.history if r["epoch"] == 1), None),
+            "train_loss_last_epoch": last_row.get("train_loss"),
+            "skipped_structures": int(sum(r.get("skipped_structures") or 0 for r in self.history)),
+            "skipped_batches": int(sum(r.get("skipped_batches") or 0 for r in self.history)),
+            "parameter_movement": moved,
+            "time_s": round(self.elapsed_before + (time.time() - self.started), 1),
+        }
+        if self.step_params is not None:
+            out["step_size_before"] = float(self.step_params_kwargs["step_size"])
+            out["step_size_after"] = float(self.step_params.step_size.detach())
+        b, a = out["val_before"]["dq_mean"], out["val_after"]["dq_mean"]
+        if b is not None and a is not None and b > 0:
+            out["val_dq_change"] = (a - b) / b
+        return out
+
+
+def _jsonable(obj):
+    """Plain JSON types (numpy/torch scalars to floats, NaN/inf to None)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def finetune(config: TrainConfig, train: Sequence, val: Sequence, out_dir: str | Path, *, resume: bool = False,
+             model: EnergyModel | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run a fine-tuning (see the module docstring); returns the summary written to ``out_dir/summary.json``.
+
+    With ``resume`` and an existing ``out_dir/last.pt`` the stored config is used (``epochs`` and
+    ``patience`` may be raised to train longer).
+    """
+    out = Path(out_dir)
+    if resume and (out / "last.pt").exists():
+        stored = TrainConfig.from_dict(ckpt.read_checkpoint(out / "last.pt")["config"])
+        config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
+    trainer = Trainer(config, train, val, out, model=model, progress=progress, log=log)
+    return trainer.run(resume=resume)

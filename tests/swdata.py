@@ -1,0 +1,44 @@
+"""Synthetic relaxation pairs from Stillinger-Weber: the 'DFT' reference is SW with changed parameters, so a
+fine-tuned SW can learn its way towards it (fast, exact, float64)."""
+
+import numpy as np
+import torch
+from ase.build import bulk
+
+from relaxtune.data import RelaxationPair
+from relaxtune.potentials.base import energy_and_forces
+from relaxtune.potentials.classical import StillingerWeber
+from relaxtune.relax import RelaxConfig, relax
+from relaxtune.state import Batch
+
+TRUTH = dict(sigma=2.0951 * 1.015, lambda1=23.0)
+
+
+def make_sw_pairs(n: int, seed: int = 0, with_trajectory: bool = False) -> list[RelaxationPair]:
+    truth = StillingerWeber(**TRUTH)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        a = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 1, 1)
+        if k % 2 == 0:
+            del a[k]
+        a.positions += rng.normal(scale=0.1, size=a.positions.shape)
+        b = Batch.from_atoms([a], dtype=torch.float64)
+        r = relax(truth, b, RelaxConfig(fmax=1e-4, max_steps=1000), record_trace=with_trajectory)
+        final = r.batch.to_atoms()[0]
+        traj = None
+        if with_trajectory:
+            from ase.calculators.singlepoint import SinglePointCalculator
+
+            traj = []
+            for pos in (a.positions, 0.5 * (a.positions + final.positions), final.positions):
+                f = a.copy()
+                f.positions = pos
+                fb = Batch.from_atoms([f], dtype=torch.float64)
+                ef = energy_and_forces(truth, fb, truth.prepare(fb))
+                f.calc = SinglePointCalculator(f, energy=float(ef.energy[0]), forces=ef.forces.numpy())
+                traj.append(f)
+        out.append(RelaxationPair(name=f"sw{k}", group=f"g{k}", initial=a, final=final,
+                                  energy_final=float(r.energy[0]), trajectory=traj))
+    return out
+

@@ -1,0 +1,63 @@
+"""Dataset metrics: relax every initial structure and compare with its reference."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swdata import TRUTH, make_sw_pairs  # noqa: E402
+
+from relaxtune.evaluate import BASIN_TOLERANCE, evaluate, summarize  # noqa: E402
+from relaxtune.potentials.classical import StillingerWeber  # noqa: E402
+
+
+def test_evaluate_metrics_on_sw_pairs():
+    pairs = make_sw_pairs(3)
+    ev = evaluate(StillingerWeber(), pairs, batch_size=2)
+    m = ev.metrics
+    assert m["n"] == 3 and len(ev.rows) == 3
+    for key in ("n", "dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
+                "steps_mean"):
+        assert key in m
+    dqs = [r["dq"] for r in ev.rows]
+    assert m["dq_mean"] == pytest.approx(np.mean(dqs)) and m["dq_median"] == pytest.approx(np.median(dqs))
+    assert all(r["dq"] > 0 and r["converged"] and r["steps"] > 0 for r in ev.rows)
+    assert m["converged_rate"] == 1.0
+    assert [r["name"] for r in ev.rows] == ["sw0", "sw1", "sw2"]
+    assert all(r["basin_match"] == (r["max_disp"] < BASIN_TOLERANCE) for r in ev.rows)
+    assert all(r["energy_error_per_atom"] is not None for r in ev.rows)
+
+
+def test_evaluate_with_the_reference_model_gives_near_zero_distance():
+    pairs = make_sw_pairs(2)
+    ev = evaluate(StillingerWeber(**TRUTH), pairs, fmax=1e-4)
+    assert ev.metrics["dq_mean"] < 1e-3
+    assert ev.metrics["basin_match_rate"] == 1.0
+    assert abs(ev.rows[0]["energy_error_per_atom"]) < 1e-8
+
+
+def test_summarize_counts_blowups_as_failures():
+    rows = [
+        {"dq": 1.0, "rmsd": 0.1, "max_disp": 0.05, "basin_match": True, "steps": 10, "converged": True},
+        {"dq": None, "rmsd": None, "max_disp": None, "basin_match": False, "steps": 3, "converged": False,
+         "blew_up": True},
+    ]
+    m = summarize(rows)
+    assert m["n"] == 2 and m["dq_mean"] == 1.0 and m["n_blew_up"] == 1
+    assert m["basin_match_rate"] == 0.5 and m["converged_rate"] == 0.5 and m["steps_mean"] == 6.5
+
+
+@pytest.mark.slow
+def test_evaluate_real_chgnet_on_real_dft_pair():
+    from relaxtune.data import load_pairs
+    from relaxtune.potentials import load_model
+
+    pairs = [p for p in load_pairs("builtin:si-defects") if p.name == "vacancy_1"]
+    ev = evaluate(load_model("chgnet"), pairs)
+    row = ev.rows[0]
+    # pretrained CHGNet lands near, not on, the PBE structure (DESIGN.md: Dq ~0.7 on a Ga_Si defect)
+    assert 0.2 < row["dq"] < 3.0 and row["converged"] and math.isfinite(row["energy"])

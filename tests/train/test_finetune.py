@@ -1,0 +1,131 @@
+"""The trainer: lowers Dq, parameter groups, skips blow-ups, resumes to the same result, forces baseline,
+and a short real CHGNet fine-tune on real DFT pairs."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from relaxtune.potentials.classical import StillingerWeber
+from relaxtune.train.config import TrainConfig
+from relaxtune.train.finetune import Trainer, finetune, lr_factor, select_trainable
+
+SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
+          eval_fmax=1e-3)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("grad", ["full", "implicit", "hybrid", "checkpoint", "truncated"])
+def test_every_grad_mode_lowers_validation_dq(sw_pairs, tmp_path, grad):
+    cfg = TrainConfig(**SW, grad=grad, epochs=3, truncate_steps=20, hybrid_steps=5)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
+    assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
+    for name in ("best.pt", "last.pt", "metrics.csv", "summary.json"):
+        assert (tmp_path / name).exists()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_learn_step_moves_relaxation_parameters_and_reports_movement(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, grad="full", epochs=2, learn_step=True, step_lr=0.05)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    mv = s["parameter_movement"]
+    assert mv["model"]["relative"] > 0 and mv["relax"]["relative"] > 0
+    assert s["step_size_after"] != s["step_size_before"]
+    assert set(mv["model_by_module"]) == {"A", "B", "epsilon", "gamma", "lambda1", "sigma"}
+    # implicit: a fixed point does not depend on the step size, so it gets no gradient
+    s2 = finetune(cfg.replace(grad="implicit"), sw_pairs[:4], sw_pairs[4:], tmp_path / "imp", progress=False)
+    assert s2["parameter_movement"]["relax"]["absolute"] == 0.0
+
+
+def test_resume_after_kill_gives_the_same_weights(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, grad="full", epochs=4, learn_step=True)
+    straight = tmp_path / "straight"
+    finetune(cfg, sw_pairs[:4], sw_pairs[4:], straight, progress=False)
+    killed = tmp_path / "killed"
+    Trainer(cfg, sw_pairs[:4], sw_pairs[4:], killed, progress=False).run(stop_after_epoch=2)
+    assert not (killed / "summary.json").exists()
+    assert len(list(csv.DictReader(open(killed / "metrics.csv")))) == 3
+    torch.manual_seed(1234)  # a fresh process has other RNG state: resume must not depend on it
+    finetune(cfg, sw_pairs[:4], sw_pairs[4:], killed, resume=True, progress=False)
+    for name in ("last.pt", "best.pt"):
+        a, b = _weights(straight / name), _weights(killed / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-14)
+    sa = torch.load(straight / "last.pt", weights_only=True)["step_params"]
+    sb = torch.load(killed / "last.pt", weights_only=True)["step_params"]
+    torch.testing.assert_close(sa["log_step_size"], sb["log_step_size"], rtol=1e-12, atol=1e-14)
+    ra = list(csv.DictReader(open(straight / "metrics.csv")))
+    rb = list(csv.DictReader(open(killed / "metrics.csv")))
+    assert [r["val_dq_mean"] for r in ra] == [r["val_dq_mean"] for r in rb]
+
+
+def test_blown_up_relaxations_are_skipped_and_counted(sw_pairs, tmp_path):
+    bad = sw_pairs[0]
+    squashed = bad.initial.copy()
+    squashed.positions[1] = squashed.positions[0] + [0.05, 0.0, 0.0]  # two atoms on top of each other
+    broken = type(bad)(name="broken", group="x", initial=squashed, final=bad.final)
+    cfg = TrainConfig(**{**SW, "batch_size": 3}, grad="full", epochs=1, max_force=50.0)
+    s = finetune(cfg, [broken] + sw_pairs[1:3], sw_pairs[4:], tmp_path, progress=False)
+    assert s["skipped_structures"] >= 1
+    assert all(math.isfinite(float(v)) for v in _weights(tmp_path / "last.pt").values())
+    assert s["parameter_movement"]["model"]["relative"] > 0  # the healthy structures still trained
+
+
+def test_forces_objective_baseline_runs_and_lowers_force_error(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, objective="forces", epochs=3)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
+    assert s["parameter_movement"]["model"]["relative"] > 0
+
+
+def test_early_stopping(sw_pairs, tmp_path):
+    cfg = TrainConfig(**{**SW, "lr": 1e-9}, grad="implicit", epochs=6, patience=1, min_delta=1e-3)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["stopped_early"] and s["epochs_run"] == 1
+
+
+def test_select_trainable_chgnet_names():
+    from relaxtune.potentials import load_model
+
+    model = load_model("chgnet")
+    counts = select_trainable(model, "readout")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".mlp." in n or ".readout_norm." in n for n in names)
+    assert counts["trainable"] < 0.1 * (counts["trainable"] + counts["frozen"])
+    select_trainable(model, "freeze-embeddings")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any("atom_embedding" in n for n in frozen) and any("angle_embedding" in n for n in frozen)
+    assert not any("atom_conv_layers" in n for n in frozen)
+    with pytest.raises(ValueError):
+        select_trainable(StillingerWeber(), "no_such_parameter")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_factor(TrainConfig(warmup_frac=0.2, min_lr_ratio=0.1), total_steps=10)
+    values = [f(s) for s in range(10)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert values[-1] > 0.1 - 1e-12
+
+
+@pytest.mark.slow
+def test_real_chgnet_finetune_on_two_real_dft_pairs_lowers_training_dq(tmp_path):
+    from relaxtune.data import load_pairs
+
+    pairs = [p for p in load_pairs("builtin:si-defects") if p.split == "train"][:2]
+    assert len(pairs) == 2
+    cfg = TrainConfig(model="chgnet", grad="implicit", epochs=2, batch_size=2, lr=1e-4, steps=100, warmup_frac=0.0,
+                      schedule="constant")
+    s = finetune(cfg, pairs, [], tmp_path, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    first, last = float(rows[1]["train_loss"]), float(rows[2]["train_loss"])
+    assert last < first, (first, last)
+    assert s["parameter_movement"]["model"]["relative"] > 0
