@@ -30,6 +30,7 @@ a skin keep their topology for the whole call (DESIGN.md: 8e-5 eV/Å error over 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -462,6 +463,19 @@ def _select(prob: _Problem, carry: _Carry, keep: torch.Tensor) -> tuple[_Problem
 
 
 # ---------------------------------------------------------------------------------------------- public
+@contextlib.contextmanager
+def _frozen_parameters(model: torch.nn.Module):
+    """Inference: no autograd bookkeeping for parameter gradients (~12% of a CHGNet E+F), restored after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _check_finite(batch: Batch) -> None:
     """Non-finite input coordinates are a data error (raised), unlike blow-ups during the run (flagged)."""
     bad_atoms = ~torch.isfinite(batch.positions.detach()).all(-1)
@@ -497,10 +511,13 @@ def relax(model: EnergyModel, batch: Batch, config: RelaxConfig = RelaxConfig(),
     if grad_mode == "checkpoint" and (not checkpoint_every or checkpoint_every < 1):
         raise ValueError("grad_mode='checkpoint' needs checkpoint_every >= 1")
     create_graph = grad_mode != "none"
+    if grad_mode == "none":
+        with _frozen_parameters(model):
+            prob, rows, step = _setup(model, batch, config, step_params, create_graph)
+            carry = _init_carry(prob, rows, step, prepared)
+            return _run_inference(prob, carry, record_trace=record_trace, progress=progress)
     prob, rows, step = _setup(model, batch, config, step_params, create_graph)
     carry = _init_carry(prob, rows, step, prepared)
-    if grad_mode == "none":
-        return _run_inference(prob, carry, record_trace=record_trace, progress=progress)
     block = checkpoint_every if grad_mode == "checkpoint" else None
     carry, trace = _run_graph(prob, carry, block=block, record_trace=record_trace, progress=progress)
     return _result(prob, carry, trace)
