@@ -42,3 +42,27 @@ def make_sw_pairs(n: int, seed: int = 0, with_trajectory: bool = False) -> list[
                                   energy_final=float(r.energy[0]), trajectory=traj))
     return out
 
+
+
+def write_sw_dataset(directory, n: int = 6, seed: int = 0, splits: dict | None = None):
+    """The SW pairs as a dataset folder: one extxyz trajectory per structure (name/group in frame 0's info,
+    energy and forces on every frame) and a splits.json. Returns the pairs."""
+    import json
+    from pathlib import Path
+
+    from ase.io import write
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = make_sw_pairs(n, seed=seed, with_trajectory=True)
+    for p in pairs:
+        frames = [a.copy() for a in p.trajectory]
+        for a, src in zip(frames, p.trajectory):
+            a.calc = src.calc
+        frames[0].info.update(name=p.name, group=p.group)
+        write(directory / f"{p.name}.extxyz", frames)
+    if splits is None:
+        groups = [p.group for p in pairs]
+        splits = {"train": groups[: n - 2], "val": groups[n - 2: n - 1], "test": groups[n - 1:]}
+    (directory / "splits.json").write_text(json.dumps(splits))
+    return pairs

@@ -1,0 +1,121 @@
+"""`relaxtune finetune`: outputs, splits, one-line errors, and a real SIGKILL + --resume that ends where an
+uninterrupted run ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from swdata import write_sw_dataset  # noqa: E402
+
+from relaxtune.cli import main  # noqa: E402
+
+SW_ARGS = ["--model", "sw", "--optimizer", "gd", "--steps", "300", "--fmax", "0.001", "--batch-size", "2",
+           "--lr", "0.003", "--no-progress"]
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("swdata")
+    write_sw_dataset(d, n=6)
+    return d
+
+
+def test_finetune_writes_outputs_and_uses_the_dataset_split(monkeypatch, capsys, dataset, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, stderr = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "2",
+                               "--grad", "implicit")
+    assert code == 0, stderr
+    for name in ("best.pt", "last.pt", "metrics.csv", "summary.json"):
+        assert (out / name).exists()
+    printed = json.loads(stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 4 and summary["n_val"] == 1
+    assert summary["val_names"] == ["sw4"] and "sw5" not in summary["train_names"]  # test split untouched
+    assert printed["val_dq_after"] < printed["val_dq_before"]
+    ck = torch.load(out / "best.pt", weights_only=True)
+    assert ck["model_spec"] == "sw" and ck["config"]["grad"] == "implicit"
+
+
+def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, dataset, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1",
+                       "--grad", "full", "--learn-step")
+    assert code == 0, err
+    from relaxtune.potentials import load_model
+
+    model = load_model(str(out / "best.pt"))
+    assert model.name == "sw"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["no/such/dir"], "TRAIN no/such/dir"),
+    (["DATASET", "--grad", "magic"], "grad"),
+    (["DATASET", "--train-params", "nothing_matches"], "no parameter of the model matches"),
+])
+def test_finetune_user_errors_are_one_line(monkeypatch, capsys, dataset, tmp_path, args, message):
+    args = [str(dataset) if a == "DATASET" else a for a in args]
+    code, _, err = run(monkeypatch, capsys, "finetune", *args, "--out", tmp_path / "x", *SW_ARGS, "--epochs", "1")
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()[-1]) > 0
+    assert "Traceback" not in err
+
+
+def _cli(*args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "relaxtune", *map(str, args)], env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    common = ["finetune", dataset, *SW_ARGS, "--epochs", "4", "--grad", "full", "--learn-step"]
+    straight = tmp_path / "straight"
+    cmd, env = _cli(*common, "--out", straight)
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    cmd, env = _cli(*common, "--out", killed)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill as soon as epoch 2 is on disk, wherever the run is then
+        if (killed / "metrics.csv").exists() and len((killed / "metrics.csv").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    cmd, env = _cli(*common, "--out", killed, "--resume")
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(straight / name, weights_only=True)
+        b = torch.load(killed / name, weights_only=True)
+        assert a["epoch"] == b["epoch"]
+        for k in a["state_dict"]:
+            torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(a["step_params"]["log_step_size"], b["step_params"]["log_step_size"],
+                                   rtol=1e-12, atol=1e-14)
+    ra = list(csv.DictReader(open(straight / "metrics.csv")))
+    rb = list(csv.DictReader(open(killed / "metrics.csv")))
+    assert [r["val_dq_mean"] for r in ra] == [r["val_dq_mean"] for r in rb] and len(ra) == 5
