@@ -285,6 +285,20 @@ def test_neighbor_list_is_rebuilt_when_atoms_move_beyond_half_the_skin(sw_calc):
     np.testing.assert_allclose(ref.positions, res.batch.positions.numpy(), atol=1e-9)
 
 
+def test_inference_under_no_grad_is_identical():
+    """Callers (the implicit trainer, evaluation) run inference under torch.no_grad(): same result, cell too."""
+    batch = Batch.from_atoms([_si8(a=5.3)], dtype=torch.float64)
+    model = StillingerWeber().double()
+    cfg = RelaxConfig(fmax=0.01, relax_cell=True)
+    ref = relax(model, batch, cfg)
+    with torch.no_grad():
+        res = relax(model, batch, cfg)
+    assert res.converged.all() and torch.equal(res.n_steps, ref.n_steps)
+    assert torch.allclose(res.batch.cell, ref.batch.cell, atol=1e-12)
+    assert not res.batch.positions.requires_grad and not res.energy.requires_grad
+    assert all(p.requires_grad for p in model.parameters())  # restored after inference
+
+
 def test_float32_inference():
     batch = Batch.from_atoms(_mixed_batch(), dtype=torch.float32)
     res = relax(StillingerWeber().float(), batch, RelaxConfig(fmax=0.02))

@@ -495,7 +495,16 @@ def relax(model: EnergyModel, batch: Batch, config: RelaxConfig = RelaxConfig(),
     ``prepared``: the model's topology for ``batch`` if already built. ``progress(step, n_done, n_total)`` is
     called after every iteration (every block with ``checkpoint``). ``record_trace`` returns the energies at
     every evaluation, (n_iterations + 1, n_systems); finished structures repeat their last energy.
+    Works the same inside ``torch.no_grad()`` (forces need autograd; with ``grad_mode="none"`` nothing returned
+    carries a graph).
     """
+    with torch.enable_grad():  # forces are autograd: also when called under torch.no_grad()
+        return _relax(model, batch, config, step_params, grad_mode, truncate_steps, checkpoint_every, prepared,
+                      record_trace, progress)
+
+
+def _relax(model, batch, config, step_params, grad_mode, truncate_steps, checkpoint_every, prepared, record_trace,
+           progress) -> RelaxResult:
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode must be one of {GRAD_MODES} (implicit/hybrid live in relax.implicit), "
                          f"got {grad_mode!r}")
