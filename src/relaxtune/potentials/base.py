@@ -71,15 +71,15 @@ def energy_and_forces(
     cell = batch.cell
     inputs = [positions]
     strain = None
-    if compute_stress:
-        strain = torch.zeros_like(cell).requires_grad_(True)
-        deform = torch.eye(3, dtype=cell.dtype, device=cell.device) + strain
-        positions_eval = torch.einsum("ak,akl->al", positions, deform[batch.system_idx])
-        cell = cell @ deform
-        inputs.append(strain)
-    else:
-        positions_eval = positions
-    with torch.enable_grad():
+    with torch.enable_grad():  # also under an outer no_grad(): the strain must enter the graph
+        if compute_stress:
+            strain = torch.zeros_like(cell).requires_grad_(True)
+            deform = torch.eye(3, dtype=cell.dtype, device=cell.device) + strain
+            positions_eval = torch.einsum("ak,akl->al", positions, deform[batch.system_idx])
+            cell = cell @ deform
+            inputs.append(strain)
+        else:
+            positions_eval = positions
         energy = model.energy(batch.replace(positions=positions_eval, cell=cell), prepared)
         grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, allow_unused=True)
     forces = -grads[0] if grads[0] is not None else torch.zeros_like(positions)
