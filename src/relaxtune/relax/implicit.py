@@ -278,6 +278,7 @@ def relax_for_training(
     checkpoint_every: int | None = None,
     hybrid_steps: int = 10,
     head_mode: str = "full",
+    fallback_unconverged: bool = True,
     implicit: ImplicitConfig = ImplicitConfig(),
     prepared: Any = None,
     progress=None,
@@ -286,11 +287,13 @@ def relax_for_training(
 
     full | truncated | checkpoint go to ``relaxtune.relax.relax`` unchanged. ``implicit`` relaxes without a graph
     (``config.max_steps`` steps at most) and attaches the fixed-point backward. ``hybrid`` unrolls the first
-    ``hybrid_steps`` steps with a graph (the head, where the basin is decided; ``head_mode`` full or checkpoint),
-    continues without a graph to
-    convergence (the tail, restarting the optimizer's internal state such as FIRE velocities), and attaches
-    the fixed-point backward at the end point; structures whose tail did not converge, or whose Hessian is not
-    positive definite there, take the head's unrolled gradient instead (the tail treated as a constant shift).
+    ``hybrid_steps`` steps with a graph (the head, where the basin is decided; ``head_mode`` full or
+    checkpoint), continues without a graph to convergence (the tail, restarting the optimizer's internal state
+    such as FIRE velocities), and attaches the fixed-point backward at the end point; structures whose tail
+    did not converge (or blew up) take the head's unrolled gradient instead (the tail treated as a constant
+    shift).
+    ``fallback_unconverged=False`` uses the fixed-point gradient at the end point even where the tail did not
+    converge (benchmarks that run exactly k steps).
     """
     from relaxtune.relax import relax
 
@@ -332,7 +335,9 @@ def relax_for_training(
     else:
         tail, n_steps = head, head.n_steps
     star = tail.batch.replace(positions=tail.batch.positions.detach())
-    fallback = (~tail.converged.to(torch.bool)) | _blown(tail, star)
+    fallback = _blown(tail, star)
+    if fallback_unconverged:
+        fallback = fallback | ~tail.converged.to(torch.bool)
     x = implicit_positions(model, star, x_head=x_head, fallback=fallback, config=implicit, stats=stats)
     result = dataclasses.replace(tail, batch=star.replace(positions=x), n_steps=n_steps)
     return TrainingRelaxation(result=result, stats=stats)
