@@ -1,0 +1,471 @@
+"""The relaxtune study (issue 5): test the reference paper's claims on the shipped DFT data, resumably.
+
+    python benchmarks/study.py --list                       # every cell, done or not
+    python benchmarks/study.py --part 1                     # run the cells of part 1 that are not done
+    python benchmarks/study.py --cells p1-bptt-s0 p1-forces-s0
+    python benchmarks/study.py --tables                     # print the markdown tables from finished cells
+
+Parts: 1 pretrained vs BPTT fine-tuned vs force/energy fine-tuned (seeds), 2 robustness (step size, unroll
+length, GD vs FIRE, learnable step, gradient mode), 3 "who moved" (from the runs of 1 and 2: no extra
+compute), 4 data efficiency (2, 5, 10, 20, all training structures), 5 correct-basin rate per cell and memory
+per gradient mode (from ``benchmarks/grad_memory.py`` output when present).
+
+Every cell is one JSON file ``STUDY_DIR/cells/NAME.json`` written atomically as it finishes; a rerun skips
+finished cells (``--refresh`` redoes them). A fine-tuning cell has two stages, each saved as it ends: training
+(``STUDY_DIR/runs/NAME``, the trainer's own run directory: ``relaxtune report`` works on it) and evaluation
+of the final model on every held-out structure present (per structure, so structures that the DFT workers add
+later are evaluated on the next run without redoing the others).
+
+Protocol (reduced from the paper for 2 shared CPU cores, see docs/results.md): data ``builtin:si-defects-mini``
+(the seed-1 rattle of each defect type); train on the train split as present when the cell starts; no
+validation-based model selection (the final model after a fixed budget of epochs is evaluated, so the
+validation groups are held out as well as the test groups and both are reported); evaluation relaxes each
+held-out initial structure with FIRE to fmax 0.02 eV/Å (at most 500 steps), as ``relaxtune evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DIR = HERE / "study"
+DATA = "builtin:si-defects-mini"
+HELD_OUT = ("test", "val")
+
+#: the reduced base setting every fine-tuning cell starts from (see docs/results.md for why each value):
+#: FIRE for k = 50 steps (FIRE needs ~41-49 steps to reach fmax 0.02 on these defects with CHGNet, so the loss
+#: sees a (nearly) relaxed structure) with BPTT through the last 10 steps (``truncated``): full or checkpointed
+#: BPTT through all 50 steps passed 13 GB of memory on this machine (measured, killed); 3 epochs, one structure
+#: per optimizer step, AdamW at the trainer's default lr 1e-4, no warmup.
+BASE = dict(model="chgnet", objective="structure", optimizer="fire", steps=50, fmax=0.02, grad="truncated",
+            truncate_steps=10, checkpoint_every=5, epochs=3, batch_size=1, lr=1e-4, warmup_frac=0.0, schedule="cosine",
+            grad_clip=1.0, dtype="float32", eval_fmax=0.02, eval_max_steps=500, patience=0)
+
+#: the fixed training set of part 2 (the two training structures present from the start, so that every
+#: robustness cell sees the same data even while the DFT workers add structures).
+P2_TRAIN = ("vacancy_1", "sub_B_1")
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    part: int
+    kind: str  # "pretrained" | "finetune"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    n_train: int | None = None  # data efficiency: the first n training structures in builder order (None = all)
+    train_names: tuple[str, ...] | None = None  # an explicit training set
+    step_size: float | None = None  # GD step size η for the training relaxation (Å²/eV)
+    data: str = DATA
+    model: str = "chgnet"
+    note: str = ""
+
+
+def cells() -> list[Cell]:
+    out = [Cell("p1-pretrained-chgnet", 1, "pretrained", note="pretrained CHGNet 0.3.0"),
+           Cell("p1-pretrained-sevennet", 1, "pretrained", model="sevennet", note="pretrained SevenNet-0")]
+    for seed in (0, 1, 2):
+        out.append(Cell(f"p1-bptt-s{seed}", 1, "finetune", {"seed": seed}, note="BPTT (FIRE k=50, graph through the last 10 steps)"))
+        out.append(Cell(f"p1-forces-s{seed}", 1, "finetune", {"seed": seed, "objective": "forces"},
+                        note="conventional force/energy fine-tuning on the DFT trajectory frames"))
+        out.append(Cell(f"p1-implicit-s{seed}", 1, "finetune", {"seed": seed, "grad": "implicit", "steps": 150},
+                        note="implicit gradient at the converged relaxation (relaxtune default)"))
+    out.append(Cell("p1-pretrained-chgnet-crystals", 1, "pretrained", data="builtin:crystals",
+                    note="crystal split (cell relaxation)"))
+    # part 2: one factor at a time around the base, on the fixed 2-structure training set P2_TRAIN
+    two = dict(train_names=P2_TRAIN)
+    out.append(Cell("p2-base", 2, "finetune", **two, note="base: FIRE k=50, BPTT through the last 10 steps"))
+    for k in (10, 25):
+        out.append(Cell(f"p2-k{k}", 2, "finetune", {"steps": k, "grad": "checkpoint"}, **two,
+                        note=f"unroll k = {k} (FIRE), BPTT through every step (checkpointed = full gradient)"))
+    for eta in (0.01, 0.02, 0.04):
+        out.append(Cell(f"p2-gd-eta{eta:g}", 2, "finetune", {"optimizer": "gd"}, step_size=eta, **two,
+                        note=f"GD, η = {eta} Å²/eV, k=50, last 10 steps"))
+    out.append(Cell("p2-learn-step", 2, "finetune", {"learn_step": True}, **two, note="learnable step (FIRE), k=50"))
+    # truncated = p2-base; full = p2-k10 / p2-k25 (checkpointed blocks give the full gradient)
+    for mode in ("hybrid", "implicit"):
+        over: dict[str, Any] = {"grad": mode}
+        if mode == "implicit":
+            over["steps"] = 150  # relax to convergence (the fixed point), then the implicit backward
+        if mode == "hybrid":
+            over.update(steps=150, hybrid_steps=10)
+        out.append(Cell(f"p2-grad-{mode}", 2, "finetune", over, **two, note=f"gradient mode {mode}"
+                        + {"hybrid": " (10 unrolled + implicit tail)", "implicit": " (at the converged relaxation)"}[mode]))
+    # n = 2 is p2-base (the first two training structures in builder order are P2_TRAIN)
+    for n in (5, 10, 20):
+        out.append(Cell(f"p4-ntrain{n}", 4, "finetune", n_train=n, note=f"first {n} training structures"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def atomic_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(o):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def load_cell(study: Path, name: str) -> dict | None:
+    path = study / "cells" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------- running
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_data(spec: str):
+    from relaxtune.data import load_pairs
+
+    pairs = load_pairs(spec)
+    train = [p for p in pairs if p.split == "train"]
+    held = [p for p in pairs if p.split in HELD_OUT]
+    return train, held
+
+
+def training_set(cell: Cell, train: list) -> list:
+    """The cell's training pairs: explicit names, the first n in builder order, or all present."""
+    if cell.train_names is not None:
+        by_name = {p.name: p for p in train}
+        missing = [n for n in cell.train_names if n not in by_name]
+        if missing:
+            raise RuntimeError(f"training structures not present: {', '.join(missing)}")
+        return [by_name[n] for n in cell.train_names]
+    from relaxtune.data.registry import parse_builtin
+
+    order = {n: i for i, n in enumerate(parse_builtin(cell.data)[0].expected_names())}
+    train = sorted(train, key=lambda p: order.get(p.name, len(order)))
+    if cell.n_train is not None:
+        if cell.n_train > len(train):
+            raise RuntimeError(f"needs {cell.n_train} training structures, {len(train)} present")
+        return train[: cell.n_train]
+    return train
+
+
+def evaluate_missing(model_factory: Callable[[], Any], held: list, done: dict[str, dict], save: Callable[[], None],
+                     *, fmax: float = 0.02, max_steps: int = 500) -> int:
+    """Evaluate the held-out pairs that have no row yet, one at a time (saving after each). Returns how many."""
+    from relaxtune.evaluate import evaluate
+
+    todo = [p for p in held if p.name not in done]
+    if not todo:
+        return 0
+    model = model_factory()
+    for p in todo:
+        t0 = time.time()
+        ev = evaluate(model, [p], fmax=fmax, max_steps=max_steps, batch_size=1)
+        row = dict(ev.rows[0])
+        row.update(split=p.split, seconds=round(time.time() - t0, 1))
+        done[p.name] = row
+        save()
+        log(f"  eval {p.name} ({p.split}): Dq {row['dq']}, max disp {row['max_disp']}, steps {row['steps']}, "
+            f"{row['seconds']} s")
+    return len(todo)
+
+
+def run_pretrained(cell: Cell, study: Path, refresh: bool) -> dict:
+    from relaxtune.potentials import load_model
+
+    path = study / "cells" / f"{cell.name}.json"
+    rec = (None if refresh else load_cell(study, cell.name)) or {
+        "name": cell.name, "part": cell.part, "kind": cell.kind, "model": cell.model, "data": cell.data,
+        "note": cell.note, "eval": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    train, held = load_data(cell.data)
+    if not held:
+        raise RuntimeError(f"{cell.data}: no held-out structures present yet")
+    n = evaluate_missing(lambda: load_model(cell.model), held + train, rec["eval"], lambda: atomic_json(rec, path))
+    rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_json(rec, path)
+    log(f"{cell.name}: {n} structures evaluated, {len(rec['eval'])} in total")
+    return rec
+
+
+def _trainer_class(step_size: float | None):
+    from relaxtune.train.finetune import Trainer
+
+    if step_size is None:
+        return Trainer
+
+    class StepSizeTrainer(Trainer):
+        """The trainer with the training relaxation's GD step size η set (TrainConfig has no field for it)."""
+
+        def _relax_config(self):
+            return dataclasses.replace(super()._relax_config(), step_size=step_size)
+
+    return StepSizeTrainer
+
+
+def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
+    from relaxtune.train.checkpoint import load_checkpoint_model
+    from relaxtune.train.config import TrainConfig
+
+    path = study / "cells" / f"{cell.name}.json"
+    run_dir = study / "runs" / cell.name
+    rec = None if refresh else load_cell(study, cell.name)
+    train, held = load_data(cell.data)
+    if rec is None or "summary" not in rec:
+        use = training_set(cell, train)
+        config = TrainConfig.from_dict({**BASE, "model": cell.model, **cell.overrides})
+        log(f"{cell.name}: training on {len(use)} structures ({', '.join(p.name for p in use)}), "
+            f"{cell.note}; config {json.dumps(cell.overrides)}")
+        t0 = time.time()
+        trainer = _trainer_class(cell.step_size)(config, use, [], run_dir, progress=False, log=log)
+        summary = trainer.run(resume=(run_dir / "last.pt").exists() and not refresh)
+        if not summary:  # resumed a run that had already finished: the trainer returns its summary file
+            summary = json.loads((run_dir / "summary.json").read_text())
+        rec = {"name": cell.name, "part": cell.part, "kind": cell.kind, "model": cell.model, "data": cell.data,
+               "note": cell.note, "overrides": cell.overrides, "step_size": cell.step_size,
+               "n_train_requested": cell.n_train, "train_names_requested": cell.train_names, "config": config.to_dict(),
+               "train_names": [p.name for p in use], "summary": summary, "run_dir": str(run_dir),
+               "train_seconds": round(time.time() - t0, 1), "eval": {},
+               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_json(rec, path)
+        log(f"{cell.name}: trained in {rec['train_seconds']} s; parameter movement "
+            f"{json.dumps({k: v.get('relative') for k, v in summary['parameter_movement'].items() if isinstance(v, dict) and 'relative' in v})}")
+    mine = set(rec["train_names"])
+    held = [p for p in held if p.name not in mine] + [p for p in train if p.name in mine]  # also the fit
+    n = evaluate_missing(lambda: load_checkpoint_model(run_dir / "last.pt"), held, rec["eval"],
+                         lambda: atomic_json(rec, path))
+    rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    atomic_json(rec, path)
+    log(f"{cell.name}: {n} structures evaluated, {len(rec['eval'])} in total")
+    return rec
+
+
+def is_complete(cell: Cell, study: Path) -> bool:
+    """Finished and every held-out structure present now has a row."""
+    rec = load_cell(study, cell.name)
+    if rec is None or "finished" not in rec:
+        return False
+    try:
+        train, held = load_data(cell.data)
+    except Exception:
+        return True
+    if cell.kind == "pretrained":
+        return all(p.name in rec["eval"] for p in held + train)
+    mine = set(rec.get("train_names", []))
+    return all(p.name in rec["eval"] for p in held + [p for p in train if p.name in mine])
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _stats(vals: list[float]) -> tuple[float | None, float | None]:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def _f(x: float | None, d: int = 3) -> str:
+    return "–" if x is None else f"{x:.{d}f}"
+
+
+def held_metrics(rec: dict, names: list[str], split: str | None = None) -> dict[str, Any]:
+    rows = [rec["eval"][n] for n in names if n in rec["eval"] and (split is None or rec["eval"][n]["split"] == split)]
+    dq = [r["dq"] for r in rows if r.get("dq") is not None]
+    return {"n": len(rows), "dq_mean": float(np.mean(dq)) if dq else None,
+            "dq_median": float(np.median(dq)) if dq else None,
+            "max_disp_mean": float(np.mean([r["max_disp"] for r in rows if r.get("max_disp") is not None]))
+            if rows else None,
+            "basin": sum(bool(r["basin_match"]) for r in rows), "converged": sum(bool(r["converged"]) for r in rows)}
+
+
+def tables(study: Path) -> str:
+    recs = {c.name: load_cell(study, c.name) for c in cells()}
+    recs = {k: v for k, v in recs.items() if v is not None}
+    out: list[str] = []
+    pre = recs.get("p1-pretrained-chgnet")
+    # the common held-out set: structures every finished CHGNet cell evaluated
+    chg = [r for r in recs.values() if r["model"] == "chgnet" and r["data"] == DATA and r["eval"]]
+    held_sets = [{n for n, row in r["eval"].items() if row["split"] in HELD_OUT} for r in chg]
+    common = sorted(set.intersection(*held_sets)) if held_sets else []
+    out.append(f"Held-out structures common to every CHGNet cell below ({len(common)}): "
+               + ", ".join(f"{n} ({pre['eval'][n]['split'] if pre and n in pre['eval'] else '?'})" for n in common))
+    out.append("")
+    base_dq = held_metrics(pre, common)["dq_mean"] if pre else None
+
+    def fit(rec: dict) -> str:
+        names = rec.get("train_names") or []
+        if not names or not pre:
+            return "–"
+        a, b = held_metrics(rec, names)["dq_mean"], held_metrics(pre, names)["dq_mean"]
+        return f"{_f(b)} → {_f(a)}" if a is not None and b is not None else "–"
+
+    def row(name: str, rec: dict) -> str:
+        allm, test, val = held_metrics(rec, common), held_metrics(rec, common, "test"), held_metrics(rec, common, "val")
+        rel = f"{(allm['dq_mean'] - base_dq) / base_dq * 100:+.1f}%" if base_dq and allm["dq_mean"] is not None else "–"
+        tr = rec.get("train_seconds")
+        return (f"| {name} | {rec.get('note', '')} | {len(rec.get('train_names', [])) or '–'} | {_f(test['dq_mean'])} "
+                f"({test['n']}) | {_f(val['dq_mean'])} ({val['n']}) | {_f(allm['dq_mean'])} | {rel} | "
+                f"{allm['basin']}/{allm['n']} | {allm['converged']}/{allm['n']} | {fit(rec)} | {_f(tr, 0) if tr else '–'} |")
+
+    head = ("| cell | what | n train | Dq test split (n) | Dq val split (n) | Dq all held-out | vs pretrained | "
+            "correct basin | converged | Dq on its training structures: pretrained → fine-tuned | train s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    for part in (1, 2, 4):
+        names = [c.name for c in cells() if c.part == part and c.name in recs and recs[c.name]["data"] == DATA
+                 and recs[c.name]["model"] == "chgnet"]
+        if part != 1 and pre:
+            names = ["p1-pretrained-chgnet"] + names
+        if not names:
+            continue
+        out += [f"### Part {part}", "", head] + [row(n, recs[n]) for n in names] + [""]
+        if part == 1:
+            groups = {"bptt": [], "forces": []}
+            for n in names:
+                for g in groups:
+                    if n.startswith(f"p1-{g}-s"):
+                        groups[g].append(held_metrics(recs[n], common)["dq_mean"])
+            lines = []
+            for g, vals in groups.items():
+                m, sd = _stats(vals)
+                if m is not None:
+                    rel = f", {(m - base_dq) / base_dq * 100:+.1f}% vs pretrained" if base_dq else ""
+                    lines.append(f"- {g}: mean Dq over {len(vals)} seed(s) {m:.3f}"
+                                 + (f" ± {sd:.3f} (sample std)" if sd is not None else "") + rel)
+            out += lines + [""]
+    # sevennet
+    sv = recs.get("p1-pretrained-sevennet")
+    if sv:
+        m = held_metrics(sv, sorted(sv["eval"]))
+        out += [f"SevenNet-0 pretrained on {m['n']} held-out structures: mean Dq {_f(m['dq_mean'])}, "
+                f"correct basin {m['basin']}/{m['n']}.", ""]
+    # part 3: who moved
+    moved = [(n, r) for n, r in recs.items() if r.get("summary")]
+    if moved:
+        out += ["### Part 3: who moved (relative change ||θ−θ₀||/||θ₀||)", "",
+                "| cell | model weights | relaxation parameters | step size before → after | largest-moving model module |",
+                "|---|---|---|---|---|"]
+        for n, r in moved:
+            pm = r["summary"].get("parameter_movement") or {}
+            mods = pm.get("model_by_module") or {}
+            top = max(mods.items(), key=lambda kv: kv[1] or 0) if mods else None
+            relax = pm.get("relax", {}).get("relative") if isinstance(pm.get("relax"), dict) else None
+            ss = r["summary"]
+            step = (f"{ss['step_size_before']:.4g} → {ss['step_size_after']:.4g}" if "step_size_before" in ss else "–")
+            out.append(f"| {n} | {pm.get('model', {}).get('relative', float('nan')):.3g} | "
+                       f"{'–' if relax is None else f'{relax:.3g}'} | {step} | "
+                       f"{f'{top[0]} ({top[1]:.3g})' if top else '–'} |")
+        out.append("")
+    # part 5: memory
+    mem = memory_table()
+    if mem:
+        out += ["### Part 5: memory per gradient mode (benchmarks/grad_memory.py)", "", mem, ""]
+    return "\n".join(out)
+
+
+def memory_table() -> str | None:
+    """Peak memory per gradient mode from the memory benchmark's JSON output, if it has been written."""
+    for cand in (HERE / "grad_memory.json", HERE / "results" / "grad_memory.json", DEFAULT_DIR / "grad_memory.json"):
+        if cand.exists():
+            try:
+                data = json.loads(cand.read_text())
+            except ValueError:
+                continue
+            rows = data.get("rows", data) if isinstance(data, dict) else data
+            if not isinstance(rows, list) or not rows:
+                continue
+            keys = list(rows[0].keys())
+            lines = [f"Source: `{cand.relative_to(HERE.parent)}`", "", "| " + " | ".join(keys) + " |",
+                     "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+            return "\n".join(lines)
+    return None
+
+
+def memory_watchdog(limit_gb: float) -> None:
+    """Exit the process (code 3) when its resident memory passes ``limit_gb``: the machine is shared, and an
+    out-of-memory kill could take a DFT worker with it. The cell is not saved and can be retried."""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def watch() -> None:
+        peak = 0.0
+        while True:
+            with open("/proc/self/statm") as fh:
+                rss = int(fh.read().split()[1]) * page / 1e9
+            peak = max(peak, rss)
+            if rss > limit_gb:
+                log(f"resident memory {rss:.1f} GB > --max-rss-gb {limit_gb}: stopping (cell not saved)")
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--study-dir", type=Path, default=DEFAULT_DIR)
+    ap.add_argument("--part", type=int, action="append", choices=[1, 2, 3, 4, 5])
+    ap.add_argument("--cells", nargs="+", default=None)
+    ap.add_argument("--refresh", action="store_true", help="redo the selected cells even if finished")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--tables", action="store_true")
+    ap.add_argument("--max-rss-gb", type=float, default=7.0, help="stop when resident memory passes this")
+    args = ap.parse_args(argv)
+    study = args.study_dir
+    all_cells = cells()
+    if args.list:
+        for c in all_cells:
+            state = "done" if is_complete(c, study) else ("partial" if load_cell(study, c.name) else "todo")
+            print(f"{c.name:32s} part {c.part}  {state:8s} {c.note}")
+        return 0
+    if args.tables:
+        print(tables(study))
+        return 0
+    chosen = all_cells
+    if args.cells:
+        known = {c.name for c in all_cells}
+        bad = [n for n in args.cells if n not in known]
+        if bad:
+            ap.error(f"unknown cells: {', '.join(bad)} (see --list)")
+        chosen = [c for c in all_cells if c.name in args.cells]
+    elif args.part:
+        parts = set(args.part)
+        if parts & {3, 5}:
+            log("parts 3 and 5 need no runs of their own: they are read from the cells of parts 1, 2 and 4 "
+                "(and benchmarks/grad_memory.py output); see --tables")
+        chosen = [c for c in all_cells if c.part in parts]
+    memory_watchdog(args.max_rss_gb)
+    failed = 0
+    for c in chosen:
+        if not args.refresh and is_complete(c, study):
+            log(f"{c.name}: done, skipped")
+            continue
+        try:
+            (run_pretrained if c.kind == "pretrained" else run_finetune)(c, study, args.refresh)
+        except Exception as exc:  # one failing cell must not stop the others; it is retried next run
+            failed += 1
+            log(f"{c.name}: FAILED: {type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stdout)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
