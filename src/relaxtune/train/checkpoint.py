@@ -95,7 +95,8 @@ def build_base_model(spec: str, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
-    """The fine-tuned ``EnergyModel`` stored in a checkpoint (in its training dtype unless ``dtype`` given)."""
+    """The fine-tuned ``EnergyModel`` stored in a checkpoint, built by ``load_model(model_spec, dtype)`` (default:
+    its training dtype; classical models keep their float64 parameters whatever ``dtype`` says)."""
     data = read_checkpoint(path)
     stored = _DTYPES.get(str(data.get("dtype", "float32")), torch.float32)
     model = build_base_model(str(data["model_spec"]), dtype or stored)
@@ -104,8 +105,6 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{path}: weights do not fit model {data['model_spec']!r}: {str(exc).splitlines()[0]}") from exc
-    if dtype is not None:
-        model = model.to(dtype) if dtype != stored else model
     model.eval()
     model.checkpoint_path = str(path)
     return model
