@@ -73,6 +73,13 @@ class Cell:
     data: str = DATA
     model: str = "chgnet"
     note: str = ""
+    holdout: str | None = None  # cross-validation: the structure this fold holds out
+
+
+CV_STRUCTURES = ("vacancy_1", "sub_B_1", "sub_P_1")
+CV_METHODS = (("bptt", {}, "BPTT (FIRE k=50, graph through the last 10 steps)"),
+              ("forces", {"objective": "forces"}, "force/energy fine-tuning on the DFT trajectory frames"),
+              ("implicit", {"grad": "implicit", "steps": 150}, "implicit gradient at the converged relaxation"))
 
 
 def cells() -> list[Cell]:
@@ -84,6 +91,13 @@ def cells() -> list[Cell]:
                         note="conventional force/energy fine-tuning on the DFT trajectory frames"))
         out.append(Cell(f"p1-implicit-s{seed}", 1, "finetune", {"seed": seed, "grad": "implicit", "steps": 150},
                         note="implicit gradient at the converged relaxation (relaxtune default)"))
+    # leave-one-structure-out over the three seed relaxations present from the start (the test split had no
+    # DFT structure yet when the study ran): train on two, evaluate on the third
+    for held_out in CV_STRUCTURES:
+        rest = tuple(n for n in CV_STRUCTURES if n != held_out)
+        for method, over, note in CV_METHODS:
+            out.append(Cell(f"p1cv-{method}-{held_out}", 1, "finetune", over, train_names=rest, holdout=held_out,
+                            note=note))
     out.append(Cell("p1-pretrained-chgnet-crystals", 1, "pretrained", data="builtin:crystals",
                     note="crystal split (cell relaxation)"))
     # part 2: one factor at a time around the base, on the fixed 2-structure training set P2_TRAIN
@@ -106,6 +120,7 @@ def cells() -> list[Cell]:
         out.append(Cell(f"p2-grad-{mode}", 2, "finetune", over, **two, note=f"gradient mode {mode}"
                         + {"hybrid": " (10 unrolled + implicit tail)", "implicit": " (at the converged relaxation)"}[mode]))
     # n = 2 is p2-base (the first two training structures in builder order are P2_TRAIN)
+    out.append(Cell("p4-ntrain1", 4, "finetune", n_train=1, note="first training structure only (vacancy_1)"))
     for n in (5, 10, 20):
         out.append(Cell(f"p4-ntrain{n}", 4, "finetune", n_train=n, note=f"first {n} training structures"))
     return out
@@ -148,10 +163,11 @@ def load_data(spec: str):
     return train, held
 
 
-def training_set(cell: Cell, train: list) -> list:
-    """The cell's training pairs: explicit names, the first n in builder order, or all present."""
+def training_set(cell: Cell, train: list, held: list) -> list:
+    """The cell's training pairs: explicit names (any split: cross-validation folds), the first n training
+    structures in builder order, or all training structures present."""
     if cell.train_names is not None:
-        by_name = {p.name: p for p in train}
+        by_name = {p.name: p for p in train + held}
         missing = [n for n in cell.train_names if n not in by_name]
         if missing:
             raise RuntimeError(f"training structures not present: {', '.join(missing)}")
@@ -229,7 +245,7 @@ def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
     rec = None if refresh else load_cell(study, cell.name)
     train, held = load_data(cell.data)
     if rec is None or "summary" not in rec:
-        use = training_set(cell, train)
+        use = training_set(cell, train, held)
         config = TrainConfig.from_dict({**BASE, "model": cell.model, **cell.overrides})
         log(f"{cell.name}: training on {len(use)} structures ({', '.join(p.name for p in use)}), "
             f"{cell.note}; config {json.dumps(cell.overrides)}")
@@ -240,16 +256,15 @@ def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
             summary = json.loads((run_dir / "summary.json").read_text())
         rec = {"name": cell.name, "part": cell.part, "kind": cell.kind, "model": cell.model, "data": cell.data,
                "note": cell.note, "overrides": cell.overrides, "step_size": cell.step_size,
-               "n_train_requested": cell.n_train, "train_names_requested": cell.train_names, "config": config.to_dict(),
+               "n_train_requested": cell.n_train, "train_names_requested": cell.train_names, "holdout": cell.holdout, "config": config.to_dict(),
                "train_names": [p.name for p in use], "summary": summary, "run_dir": str(run_dir),
                "train_seconds": round(time.time() - t0, 1), "eval": {},
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_json(rec, path)
         log(f"{cell.name}: trained in {rec['train_seconds']} s; parameter movement "
             f"{json.dumps({k: v.get('relative') for k, v in summary['parameter_movement'].items() if isinstance(v, dict) and 'relative' in v})}")
-    mine = set(rec["train_names"])
-    held = [p for p in held if p.name not in mine] + [p for p in train if p.name in mine]  # also the fit
-    n = evaluate_missing(lambda: load_checkpoint_model(run_dir / "last.pt"), held, rec["eval"],
+    # every structure present: the held-out ones, the cross-validation fold's, and the training ones (the fit)
+    n = evaluate_missing(lambda: load_checkpoint_model(run_dir / "last.pt"), held + train, rec["eval"],
                          lambda: atomic_json(rec, path))
     rec["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     atomic_json(rec, path)
@@ -266,10 +281,7 @@ def is_complete(cell: Cell, study: Path) -> bool:
         train, held = load_data(cell.data)
     except Exception:
         return True
-    if cell.kind == "pretrained":
-        return all(p.name in rec["eval"] for p in held + train)
-    mine = set(rec.get("train_names", []))
-    return all(p.name in rec["eval"] for p in held + [p for p in train if p.name in mine])
+    return all(p.name in rec["eval"] for p in held + train)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -278,6 +290,10 @@ def _stats(vals: list[float]) -> tuple[float | None, float | None]:
     if not v:
         return None, None
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def _yn(x) -> str:
+    return "yes" if x else "no"
 
 
 def _f(x: float | None, d: int = 3) -> str:
@@ -294,13 +310,14 @@ def held_metrics(rec: dict, names: list[str], split: str | None = None) -> dict[
             "basin": sum(bool(r["basin_match"]) for r in rows), "converged": sum(bool(r["converged"]) for r in rows)}
 
 
-def tables(study: Path) -> str:
+def tables(study: Path, memory_json: Path | None = None) -> str:
     recs = {c.name: load_cell(study, c.name) for c in cells()}
     recs = {k: v for k, v in recs.items() if v is not None}
     out: list[str] = []
     pre = recs.get("p1-pretrained-chgnet")
     # the common held-out set: structures every finished CHGNet cell evaluated
-    chg = [r for r in recs.values() if r["model"] == "chgnet" and r["data"] == DATA and r["eval"]]
+    chg = [r for n, r in recs.items() if r["model"] == "chgnet" and r["data"] == DATA and r["eval"]
+           and not n.startswith("p1cv-")]
     held_sets = [{n for n, row in r["eval"].items() if row["split"] in HELD_OUT} for r in chg]
     common = sorted(set.intersection(*held_sets)) if held_sets else []
     out.append(f"Held-out structures common to every CHGNet cell below ({len(common)}): "
@@ -328,9 +345,11 @@ def tables(study: Path) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|")
     for part in (1, 2, 4):
         names = [c.name for c in cells() if c.part == part and c.name in recs and recs[c.name]["data"] == DATA
-                 and recs[c.name]["model"] == "chgnet"]
+                 and recs[c.name]["model"] == "chgnet" and c.holdout is None]
         if part != 1 and pre:
             names = ["p1-pretrained-chgnet"] + names
+        if part == 4 and "p2-base" in recs:
+            names.insert(2 if "p4-ntrain1" in names else 1, "p2-base")  # n = 2 (same cell as part 2's base)
         if not names:
             continue
         out += [f"### Part {part}", "", head] + [row(n, recs[n]) for n in names] + [""]
@@ -348,6 +367,33 @@ def tables(study: Path) -> str:
                     lines.append(f"- {g}: mean Dq over {len(vals)} seed(s) {m:.3f}"
                                  + (f" ± {sd:.3f} (sample std)" if sd is not None else "") + rel)
             out += lines + [""]
+    # part 1, cross-validation folds
+    cv = {n: r for n, r in recs.items() if n.startswith("p1cv-")}
+    if cv and pre:
+        out += ["### Part 1 (leave-one-structure-out over the three present seed relaxations)", "",
+                "| method | held-out structure | Dq pretrained | Dq fine-tuned | change | max disp (Å) pre → fine | "
+                "correct basin pre/fine | Dq on its 2 training structures: pre → fine | train s |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        per_method: dict[str, list[float]] = {}
+        for c in cells():
+            r = cv.get(c.name)
+            if r is None or c.holdout not in r["eval"] or c.holdout not in pre["eval"]:
+                continue
+            a, b = r["eval"][c.holdout], pre["eval"][c.holdout]
+            ch = (a["dq"] - b["dq"]) / b["dq"] if a.get("dq") is not None and b.get("dq") else None
+            method = c.name.split("-")[1]
+            if ch is not None:
+                per_method.setdefault(method, []).append(ch)
+            out.append(f"| {method} | {c.holdout} | {_f(b['dq'])} | {_f(a['dq'])} | "
+                       f"{'–' if ch is None else f'{ch * 100:+.1f}%'} | {_f(b['max_disp'])} → {_f(a['max_disp'])} | "
+                       f"{_yn(b['basin_match'])}/{_yn(a['basin_match'])} | {fit(r)} | {_f(r.get('train_seconds'), 0)} |")
+        out.append("")
+        for m, vals in per_method.items():
+            mean, sd = _stats(vals)
+            out.append(f"- {m}: held-out Dq change over {len(vals)} fold(s): mean {mean * 100:+.1f}%"
+                       + (f" ± {sd * 100:.1f}% (sample std)" if sd is not None else "")
+                       + f"; per fold {', '.join(f'{v * 100:+.1f}%' for v in vals)}")
+        out.append("")
     # sevennet
     sv = recs.get("p1-pretrained-sevennet")
     if sv:
@@ -372,29 +418,62 @@ def tables(study: Path) -> str:
                        f"{f'{top[0]} ({top[1]:.3g})' if top else '–'} |")
         out.append("")
     # part 5: memory
-    mem = memory_table()
+    mem = memory_table(memory_json)
     if mem:
         out += ["### Part 5: memory per gradient mode (benchmarks/grad_memory.py)", "", mem, ""]
     return "\n".join(out)
 
 
-def memory_table() -> str | None:
-    """Peak memory per gradient mode from the memory benchmark's JSON output, if it has been written."""
-    for cand in (HERE / "grad_memory.json", HERE / "results" / "grad_memory.json", DEFAULT_DIR / "grad_memory.json"):
-        if cand.exists():
-            try:
-                data = json.loads(cand.read_text())
-            except ValueError:
-                continue
-            rows = data.get("rows", data) if isinstance(data, dict) else data
-            if not isinstance(rows, list) or not rows:
-                continue
-            keys = list(rows[0].keys())
-            lines = [f"Source: `{cand.relative_to(HERE.parent)}`", "", "| " + " | ".join(keys) + " |",
-                     "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-            return "\n".join(lines)
-    return None
+MEMORY_FILES = ("benchmarks/grad_memory.json", "benchmarks/grad_memory.jsonl", "benchmarks/study/grad_memory.json",
+                "docs/grad_memory.json")
+
+
+def read_memory(path: Path | None = None) -> tuple[Path | None, list[dict]]:
+    """Cells of ``benchmarks/grad_memory.py --json`` (JSON lines; a JSON list works too), first file found."""
+    cands = [path] if path is not None else [HERE.parent / f for f in MEMORY_FILES]
+    for cand in cands:
+        if cand is None or not cand.exists():
+            continue
+        text = cand.read_text().strip()
+        try:
+            data = json.loads(text)
+            rows = data if isinstance(data, list) else data.get("rows", [])
+        except ValueError:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+        if rows:
+            return cand, rows
+    return None, []
+
+
+def memory_table(path: Path | None = None) -> str | None:
+    """Memory (MB added by one training step) and time per gradient mode and k, with the ratio to full BPTT."""
+    src, rows = read_memory(path)
+    if not rows:
+        return None
+    by = {(r.get("mode"), r.get("k")): r for r in rows}  # a later line for the same cell wins
+    modes = [m for m in ("full", "checkpoint", "truncated", "hybrid", "implicit") if any(k[0] == m for k in by)]
+    ks = sorted({k for _, k in by if k is not None})
+
+    def cell(m, k):
+        r = by.get((m, k))
+        if r is None:
+            return "–"
+        if "error" in r:
+            return f"{r['error']}"
+        full = by.get(("full", k))
+        ratio = (f", {r['step_mb'] / full['step_mb']:.2f}× full" if full and "step_mb" in full and full["step_mb"]
+                 and m != "full" else "")
+        return f"{r['step_mb']:.0f} MB, {r['time_step_s']:.1f} s{ratio}"
+
+    try:
+        shown = src.relative_to(HERE.parent)
+    except ValueError:
+        shown = src
+    lines = [f"Source: `{shown}` (peak RSS added by one training step on one 63-atom Si vacancy cell, "
+             "CHGNet, one thread; fresh process per cell).", "",
+             "| k | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    lines += [f"| {k} | " + " | ".join(cell(m, k) for m in modes) + " |" for k in ks]
+    return "\n".join(lines)
 
 
 def memory_watchdog(limit_gb: float) -> None:
@@ -427,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refresh", action="store_true", help="redo the selected cells even if finished")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--tables", action="store_true")
+    ap.add_argument("--memory-json", type=Path, default=None, help="grad_memory.py --json output (part 5)")
     ap.add_argument("--max-rss-gb", type=float, default=7.0, help="stop when resident memory passes this")
     args = ap.parse_args(argv)
     study = args.study_dir
@@ -437,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:32s} part {c.part}  {state:8s} {c.note}")
         return 0
     if args.tables:
-        print(tables(study))
+        print(tables(study, args.memory_json))
         return 0
     chosen = all_cells
     if args.cells:
