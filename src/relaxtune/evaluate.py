@@ -94,6 +94,7 @@ def evaluate(
     from relaxtune.relax import RelaxConfig, relax
 
     dtype = dtype or model_dtype(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     config = RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps)
     rows: list[dict[str, Any]] = []
     chunks = _chunks(list(pairs), batch_size)
@@ -103,8 +104,8 @@ def evaluate(
 
         bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False)
     for chunk in chunks:
-        batch = Batch.from_atoms([p.initial for p in chunk], dtype=dtype)
-        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype)
+        batch = Batch.from_atoms([p.initial for p in chunk], dtype=dtype, device=device)
+        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():
             result = relax(model, batch, config, grad_mode="none")

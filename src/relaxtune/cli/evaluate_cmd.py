@@ -33,6 +33,8 @@ def evaluate_command(
     batch_size: int = typer.Option(4, "--batch-size", help="Structures relaxed together."),
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
+                                         "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
 ) -> None:
     """Relax every initial structure of DATA with a model and compare with the DFT-relaxed one."""
     import torch
@@ -41,9 +43,14 @@ def evaluate_command(
     from relaxtune.evaluate import evaluate
     from relaxtune.potentials import load_model
     from relaxtune.potentials.base import UnsupportedElementError
+    from relaxtune.train import distributed
 
     if threads:
         torch.set_num_threads(threads)
+    try:  # under torchrun: the structures are spread over the ranks, rank 0 prints and writes
+        ctx = distributed.init_from_env(device)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     try:
         pairs = load_pairs(data)
     except (DataError, FileNotFoundError, ValueError) as exc:
@@ -60,10 +67,19 @@ def evaluate_command(
     except (ValueError, FileNotFoundError) as exc:
         raise UserInputError(f"--model {model}: {' '.join(str(exc).split())}") from None
     try:
-        result = evaluate(net, pairs, fmax=fmax, optimizer=optimizer, max_steps=max_steps, batch_size=batch_size,
-                          dtype=dtype, progress=progress)
+        if ctx.active or ctx.device.type != "cpu":
+            net = net.to(ctx.device)
+            result = distributed.evaluate_distributed(net, pairs, ctx, fmax=fmax, optimizer=optimizer,
+                                                      max_steps=max_steps, batch_size=batch_size, dtype=dtype,
+                                                      progress=progress)
+        else:
+            result = evaluate(net, pairs, fmax=fmax, optimizer=optimizer, max_steps=max_steps,
+                              batch_size=batch_size, dtype=dtype, progress=progress)
     except UnsupportedElementError as exc:
         raise UserInputError(f"{data}: {exc}") from None
+    distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return
     metrics = dict(result.metrics)
     metrics.update({"data": data, "split": split, "model": model})
     keys = ("n", "dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",

@@ -91,17 +91,24 @@ def finetune_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default; 1 was "
                                 "3-20x faster on a shared machine)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
+                                         "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
 ) -> None:
     """Fine-tune a model by backpropagating through relaxations."""
     import json
 
     import torch
 
+    from relaxtune.train import distributed
     from relaxtune.train.config import TrainConfig
     from relaxtune.train.finetune import finetune
 
     if threads:
         torch.set_num_threads(threads)
+    try:  # under torchrun: join the process group (data-parallel over the ranks; see train/distributed.py)
+        ctx = distributed.init_from_env(device)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     if dtype is None:
         dtype = "float64" if model.lower() in CLASSICAL else "float32"
     try:
@@ -115,12 +122,21 @@ def finetune_command(
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     train_pairs, val_pairs, note = resolve_data(train, val)
-    typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})", err=True)
+    if ctx.is_main:
+        typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})"
+                   + (f" on {ctx.world_size} ranks ({ctx.backend})" if ctx.active else ""), err=True)
     try:
-        summary = finetune(config, train_pairs, val_pairs, out, resume=resume, progress=progress,
-                           log=lambda m: typer.echo(m, err=True))
+        if ctx.active or ctx.device.type != "cpu":
+            summary = distributed.finetune_distributed(config, train_pairs, val_pairs, out, ctx, resume=resume,
+                                                       progress=progress, log=lambda m: typer.echo(m, err=True))
+        else:
+            summary = finetune(config, train_pairs, val_pairs, out, resume=resume, progress=progress,
+                               log=lambda m: typer.echo(m, err=True))
     except ValueError as exc:
         raise UserInputError(" ".join(str(exc).split())) from None
+    distributed.shutdown(ctx)
+    if not ctx.is_main:
+        return
     before, after = summary["val_before"], summary["val_after"]
     typer.echo(json.dumps({
         "out": str(out), "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],

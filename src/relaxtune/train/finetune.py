@@ -84,7 +84,7 @@ def select_trainable(model: torch.nn.Module, spec: str) -> dict[str, int]:
 def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
     if not params:
         return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([p.detach().reshape(-1).double() for p in params])
+    return torch.cat([p.detach().reshape(-1).double().cpu() for p in params])
 
 
 def movement(now: torch.Tensor, start: torch.Tensor) -> dict[str, float]:
@@ -162,6 +162,7 @@ class Trainer:
 
             model = load_model(config.model, dtype=self.dtype)
         self.model = model
+        self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.model.eval()  # no dropout / batch statistics: training differentiates the inference model
         self.counts = select_trainable(self.model, config.train_params)
         self.step_params = None
@@ -169,7 +170,7 @@ class Trainer:
             from relaxtune.relax import StepParameters
 
             self.step_params_kwargs = {"step_size": 0.02 if config.optimizer == "gd" else 0.1}
-            self.step_params = StepParameters(**self.step_params_kwargs)
+            self.step_params = StepParameters(**self.step_params_kwargs).to(self.device)
         else:
             self.step_params_kwargs = None
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -235,8 +236,9 @@ class Trainer:
         from relaxtune.relax.implicit import relax_for_training
 
         c = self.config
-        batch = Batch.from_atoms([p.initial for p in pairs], dtype=self.dtype)
-        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype)
+        batch = Batch.from_atoms([p.initial for p in pairs], dtype=self.dtype, device=self.device)
+        reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype,
+                                 device=self.device)
         out = relax_for_training(
             self.model, batch, self._relax_config(), grad_mode=c.grad, step_params=self.step_params,
             truncate_steps=c.truncate_steps, checkpoint_every=c.checkpoint_every, hybrid_steps=c.hybrid_steps,
@@ -279,11 +281,12 @@ class Trainer:
         total = 0.0
         for k, ref, frames, first in chunks:
             structures = [ref] + list(frames)
-            batch = Batch.from_atoms(structures, dtype=self.dtype)
+            batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
             prepared = self.model.prepare(batch)
             ef = energy_and_forces(self.model, batch, prepared, create_graph=True)
-            e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype)
-            f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype)
+            e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
+            f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
+                                 device=self.device)
             n_at = float(len(ref))
             d_model = ef.energy[1:] - ef.energy[0]
             d_dft = e_dft[1:] - e_dft[0]
@@ -482,8 +485,11 @@ class Trainer:
             self._save(row, val)
             self.log(self._line(row))
         summary = self.summary()
-        ckpt.atomic_write_text(json.dumps(_jsonable(summary), indent=2) + "\n", self.out / "summary.json")
+        self._write_summary(summary)
         return summary
+
+    def _write_summary(self, summary: dict[str, Any]) -> None:
+        ckpt.atomic_write_text(json.dumps(_jsonable(summary), indent=2) + "\n", self.out / "summary.json")
 
     def _line(self, row: dict[str, Any]) -> str:
         parts = [f"epoch {row['epoch']}"]

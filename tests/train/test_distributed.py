@@ -1,0 +1,191 @@
+"""Data-parallel fine-tuning and evaluation (relaxtune.train.distributed): two CPU ranks over gloo on
+127.0.0.1, launched by torchrun (``python -m torch.distributed.run``) as a user would, train to the same
+weights and metrics as one process with the same global batch, resume from last.pt, and evaluate to the same
+metrics. Data: real DFT frames of the shipped Si vacancy relaxation (builtin:si-defects), Stillinger-Weber in
+float64, FIRE with the full unrolled gradient."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from ase.io import write
+
+from relaxtune.cli import main
+from relaxtune.data import load_pairs
+from relaxtune.potentials import load_model
+from relaxtune.train import distributed
+
+# 4 training structures in global batches of 3: the shares of the first batch are 2 and 1 (unequal), of
+# the second 1 and 0 (rank 1 has nothing to relax): the loss must still be the mean over the global batch.
+TRAIN_ARGS = ["--model", "sw", "--optimizer", "fire", "--steps", "12", "--fmax", "0.05", "--grad", "full",
+              "--learn-step", "--batch-size", "3", "--lr", "0.003", "--no-progress"]
+EVAL_ARGS = ["--model", "sw", "--fmax", "0.05", "--max-steps", "30", "--batch-size", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def si_data(tmp_path_factory):
+    """train/ (4) and val/ (2) pairs: DFT trajectory frames of the Si vacancy → its DFT-relaxed structure."""
+    pairs = load_pairs("builtin:si-defects")
+    si = [p for p in pairs if set(p.initial.get_chemical_symbols()) == {"Si"} and p.trajectory]
+    assert si, "builtin:si-defects has no pure-Si relaxation with a trajectory"
+    traj = si[0].trajectory
+    assert len(traj) >= 8
+    root = tmp_path_factory.mktemp("si_vacancy")
+    frames_of = {"train": [0, 1, 2, 3], "val": [5, 7]}
+    for split, ks in frames_of.items():
+        (root / split).mkdir()
+        for k in ks:
+            frames = []
+            for src in (traj[k], traj[-1]):
+                a = src.copy()
+                a.info = {}
+                a.calc = src.calc  # keeps the DFT energy and forces
+                frames.append(a)
+            write(root / split / f"si_vac_f{k}.extxyz", frames, format="extxyz")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "relaxtune", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, capsys.readouterr().err
+    return capsys.readouterr()
+
+
+def _assert_same_run(one, two):
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(one / name, weights_only=True)
+        b = torch.load(two / name, weights_only=True)
+        assert a["epoch"] == b["epoch"]
+        for k in a["state_dict"]:
+            torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=1e-10, atol=1e-12)
+        for k in a["step_params"]:
+            torch.testing.assert_close(b["step_params"][k], a["step_params"][k], rtol=1e-10, atol=1e-12)
+    ra = list(csv.DictReader(open(one / "metrics.csv")))
+    rb = list(csv.DictReader(open(two / "metrics.csv")))
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    for x, y in zip(ra, rb):
+        # train_n = structures in the loss over all ranks: each structure relaxed once, by one rank
+        for key in ("train_n", "skipped_structures", "skipped_batches", "is_best"):
+            assert x[key] == y[key], key
+        for key in ("train_loss", "train_steps_mean", "train_converged_rate", "val_dq_mean", "val_rmsd_mean",
+                    "val_steps_mean", "step_size", "lr"):
+            if x[key] == "":
+                assert y[key] == "", key
+            else:
+                assert float(y[key]) == pytest.approx(float(x[key]), rel=1e-10, abs=1e-12), key
+    sa = json.loads((one / "summary.json").read_text())
+    sb = json.loads((two / "summary.json").read_text())
+    assert sb["val_after"] == pytest.approx(sa["val_after"], rel=1e-10)
+    assert sb["parameter_movement"]["model"]["relative"] == pytest.approx(
+        sa["parameter_movement"]["model"]["relative"], rel=1e-8)
+    assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no stray temporary files
+
+
+@pytest.mark.slow
+def test_two_ranks_train_to_the_weights_of_one_process(si_data, tmp_path, monkeypatch, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [si_data / "train", "--val", si_data / "val", *TRAIN_ARGS, "--epochs", "2"]
+    out = run_cli(monkeypatch, capsys, "finetune", *common, "--out", one)
+    assert json.loads(out.out)["epochs_run"] == 2
+    proc = torchrun("finetune", *common, "--out", two)
+    assert "on 2 ranks (gloo)" in proc.stderr
+    # rank 0 alone reports: one summary on stdout, one log line per epoch
+    assert proc.stdout.count('"best_epoch"') == 1
+    assert proc.stderr.count("epoch 2  train Dq") == 1
+    trained = torch.load(two / "last.pt", weights_only=True)["state_dict"]
+    pretrained = load_model("sw", dtype=torch.float64).state_dict()
+    assert max(float((trained[k] - v).abs().max()) for k, v in pretrained.items()) > 1e-4  # it did train
+    _assert_same_run(one, two)
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_a_one_process_run_like_one_process(si_data, tmp_path, monkeypatch, capsys):
+    """Every rank loads last.pt and continues; the result equals the one-process continuation."""
+    one = tmp_path / "one"
+    common = [si_data / "train", "--val", si_data / "val", *TRAIN_ARGS]
+    run_cli(monkeypatch, capsys, "finetune", *common, "--epochs", "1", "--out", one)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    run_cli(monkeypatch, capsys, "finetune", *common, "--epochs", "2", "--resume", "--out", one)
+    proc = torchrun("finetune", *common, "--epochs", "2", "--resume", "--out", two)
+    assert proc.stderr.count("resumed from") == 1
+    _assert_same_run(one, two)
+    assert len(list(csv.DictReader(open(two / "metrics.csv")))) == 3
+
+
+def test_evaluate_on_two_ranks_gives_the_metrics_of_one(si_data, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "all"
+    data.mkdir()
+    for split in ("train", "val"):  # 6 structures: 3 per rank, chunks of 2 and 1
+        for f in (si_data / split).iterdir():
+            shutil.copy(f, data / f.name)
+    run_cli(monkeypatch, capsys, "evaluate", data, *EVAL_ARGS, "--json", tmp_path / "one.json")
+    proc = torchrun("evaluate", data, *EVAL_ARGS, "--json", tmp_path / "two.json")
+    assert proc.stdout.count('"dq_mean"') == 1  # printed by rank 0 only
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["n"] == two["n"] == 6
+    assert [r["name"] for r in two["rows"]] == [r["name"] for r in one["rows"]]
+    for key in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
+                "steps_mean", "energy_mae_per_atom"):
+        assert two[key] == pytest.approx(one[key], rel=1e-10, abs=1e-12), key
+    for ra, rb in zip(one["rows"], two["rows"]):
+        assert rb["steps"] == ra["steps"]
+        assert rb["dq"] == pytest.approx(ra["dq"], rel=1e-10, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+def test_shard_deals_every_item_to_exactly_one_rank():
+    items = list(range(7))
+    shares = [distributed.shard(items, distributed.DistContext(rank=r, world_size=3)) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert distributed.shard([1], distributed.DistContext(rank=1, world_size=2)) == []
+
+
+def test_single_process_context_needs_no_process_group(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = distributed.init_from_env()
+    assert (ctx.rank, ctx.world_size, ctx.active, ctx.is_main) == (0, 1, False, True)
+    assert ctx.device == torch.device("cpu") and not torch.distributed.is_initialized()
+    distributed.shutdown(ctx)  # a no-op
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            distributed.resolve_device("cuda")
+
+
+def test_reduce_gradients_single_rank_scales_and_fills_missing_grads():
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float32))
+    a.grad = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    distributed.reduce_gradients([a, b], distributed.DistContext(), scale=2.0)
+    assert a.grad.tolist() == [2.0, 4.0, 6.0]
+    assert b.grad.dtype == torch.float32 and b.grad.tolist() == [0.0, 0.0]
