@@ -6,13 +6,16 @@ float64, FIRE with the full unrolled gradient."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,7 @@ from relaxtune.train import distributed
 # the second 1 and 0 (rank 1 has nothing to relax): the loss must still be the mean over the global batch.
 TRAIN_ARGS = ["--model", "sw", "--optimizer", "fire", "--steps", "12", "--fmax", "0.05", "--grad", "full",
               "--learn-step", "--batch-size", "3", "--lr", "0.003", "--no-progress"]
+DRIVER = Path(__file__).with_name("dist_driver.py")
 EVAL_ARGS = ["--model", "sw", "--fmax", "0.05", "--max-steps", "30", "--batch-size", "2", "--no-progress"]
 
 
@@ -50,6 +54,9 @@ def si_data(tmp_path_factory):
                 a.calc = src.calc  # keeps the DFT energy and forces
                 frames.append(a)
             write(root / split / f"si_vac_f{k}.extxyz", frames, format="extxyz")
+    (root / "all").mkdir()  # 6 structures to evaluate: 3 per rank, in chunks of 2 and 1
+    for f in sorted((root / "train").iterdir()) + sorted((root / "val").iterdir()):
+        shutil.copy(f, root / "all" / f.name)
     return root
 
 
@@ -59,27 +66,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node 2 ARGS`` on 127.0.0.1 (gloo: no GPU needed)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "relaxtune", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
+def run_cli(*args) -> str:
+    """``relaxtune ARGS`` in this process (one rank); returns stdout."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["relaxtune", *map(str, args)]
     try:
-        main()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
     except SystemExit as exc:
-        assert not exc.code, capsys.readouterr().err
-    return capsys.readouterr()
+        assert not exc.code, err.getvalue()
+    finally:
+        sys.argv = saved
+    return out.getvalue()
 
 
 def _assert_same_run(one, two):
+    """Two run directories hold the same weights, relaxation parameters, metrics and summary."""
     for name in ("last.pt", "best.pt"):
         a = torch.load(one / name, weights_only=True)
         b = torch.load(two / name, weights_only=True)
@@ -109,49 +124,55 @@ def _assert_same_run(one, two):
     assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no stray temporary files
 
 
+@pytest.fixture(scope="module")
+def runs(si_data, tmp_path_factory):
+    """The same commands on one process and on two ranks (two torchrun launches: the literal
+    ``torchrun -m relaxtune finetune``, then a fresh-started resume and an evaluation in one launch)."""
+    root = tmp_path_factory.mktemp("runs")
+    train = [si_data / "train", "--val", si_data / "val", *TRAIN_ARGS]
+    evaluate = ["evaluate", si_data / "all", *EVAL_ARGS]
+    # one process: fresh (2 epochs), then resume of a copy to 3 epochs, then evaluate
+    run_cli("finetune", *train, "--epochs", "2", "--out", root / "one")
+    shutil.copytree(root / "one", root / "one_resumed")
+    shutil.copytree(root / "one", root / "two_resumed")
+    run_cli("finetune", *train, "--epochs", "3", "--resume", "--out", root / "one_resumed")
+    run_cli(*evaluate, "--json", root / "one.json")
+    # two ranks
+    fresh = torchrun("-m", "relaxtune", "finetune", *train, "--epochs", "2", "--out", root / "two")
+    commands = [["finetune", *train, "--epochs", "3", "--resume", "--out", root / "two_resumed"],
+                [*evaluate, "--json", root / "two.json"]]
+    more = torchrun(DRIVER, json.dumps([[str(a) for a in c] for c in commands]))
+    return {"root": root, "fresh": fresh, "more": more}
+
+
 @pytest.mark.slow
-def test_two_ranks_train_to_the_weights_of_one_process(si_data, tmp_path, monkeypatch, capsys):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = [si_data / "train", "--val", si_data / "val", *TRAIN_ARGS, "--epochs", "2"]
-    out = run_cli(monkeypatch, capsys, "finetune", *common, "--out", one)
-    assert json.loads(out.out)["epochs_run"] == 2
-    proc = torchrun("finetune", *common, "--out", two)
+def test_two_ranks_train_to_the_weights_of_one_process(runs):
+    root, proc = runs["root"], runs["fresh"]
     assert "on 2 ranks (gloo)" in proc.stderr
     # rank 0 alone reports: one summary on stdout, one log line per epoch
     assert proc.stdout.count('"best_epoch"') == 1
     assert proc.stderr.count("epoch 2  train Dq") == 1
-    trained = torch.load(two / "last.pt", weights_only=True)["state_dict"]
+    trained = torch.load(root / "two" / "last.pt", weights_only=True)["state_dict"]
     pretrained = load_model("sw", dtype=torch.float64).state_dict()
     assert max(float((trained[k] - v).abs().max()) for k, v in pretrained.items()) > 1e-4  # it did train
-    _assert_same_run(one, two)
+    _assert_same_run(root / "one", root / "two")
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_a_one_process_run_like_one_process(si_data, tmp_path, monkeypatch, capsys):
+def test_two_ranks_resume_like_one_process(runs):
     """Every rank loads last.pt and continues; the result equals the one-process continuation."""
-    one = tmp_path / "one"
-    common = [si_data / "train", "--val", si_data / "val", *TRAIN_ARGS]
-    run_cli(monkeypatch, capsys, "finetune", *common, "--epochs", "1", "--out", one)
-    two = tmp_path / "two"
-    shutil.copytree(one, two)
-    run_cli(monkeypatch, capsys, "finetune", *common, "--epochs", "2", "--resume", "--out", one)
-    proc = torchrun("finetune", *common, "--epochs", "2", "--resume", "--out", two)
-    assert proc.stderr.count("resumed from") == 1
-    _assert_same_run(one, two)
-    assert len(list(csv.DictReader(open(two / "metrics.csv")))) == 3
+    root = runs["root"]
+    assert runs["more"].stderr.count("resumed from") == 1
+    assert len(list(csv.DictReader(open(root / "two_resumed" / "metrics.csv")))) == 4
+    _assert_same_run(root / "one_resumed", root / "two_resumed")
 
 
-def test_evaluate_on_two_ranks_gives_the_metrics_of_one(si_data, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "all"
-    data.mkdir()
-    for split in ("train", "val"):  # 6 structures: 3 per rank, chunks of 2 and 1
-        for f in (si_data / split).iterdir():
-            shutil.copy(f, data / f.name)
-    run_cli(monkeypatch, capsys, "evaluate", data, *EVAL_ARGS, "--json", tmp_path / "one.json")
-    proc = torchrun("evaluate", data, *EVAL_ARGS, "--json", tmp_path / "two.json")
-    assert proc.stdout.count('"dq_mean"') == 1  # printed by rank 0 only
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
+@pytest.mark.slow
+def test_evaluate_on_two_ranks_gives_the_metrics_of_one(runs):
+    root = runs["root"]
+    assert runs["more"].stdout.count('"dq_mean"') == 1  # printed by rank 0 only
+    one = json.loads((root / "one.json").read_text())
+    two = json.loads((root / "two.json").read_text())
     assert one["n"] == two["n"] == 6
     assert [r["name"] for r in two["rows"]] == [r["name"] for r in one["rows"]]
     for key in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",

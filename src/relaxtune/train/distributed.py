@@ -111,10 +111,12 @@ def init_from_env(device: str | None = None, backend: str | None = None) -> Dist
 
 
 def shutdown(ctx: DistContext) -> None:
-    """Leave the process group this process created (after a last barrier, so no rank exits mid-collective)."""
-    if ctx.owns_group and dist.is_initialized():
+    """Wait for every rank (so rank 0's last files are written when any rank returns), then leave the process
+    group if this process created it (a group set up by the caller stays)."""
+    if ctx.active and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if ctx.owns_group:
+            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- collectives
