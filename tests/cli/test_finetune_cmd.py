@@ -98,7 +98,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(dataset, tmp_path):
     cmd, env = _cli(*common, "--out", killed)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline:  # kill as soon as epoch 2 is on disk, wherever the run is then
+    while time.time() < deadline:  # kill as soon as epoch 1 is on disk, wherever the run is then
         if (killed / "metrics.csv").exists() and len((killed / "metrics.csv").read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
