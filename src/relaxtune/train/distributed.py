@@ -359,6 +359,12 @@ def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | 
     from relaxtune.train.config import TrainConfig
 
     out = Path(out_dir)
+    if resume:
+        seen = all_gather_objects((out / "last.pt").exists(), ctx)
+        if any(seen) and not all(seen):
+            missing = [r for r, s in enumerate(seen) if not s]
+            raise ValueError(f"--resume: {out / 'last.pt'} exists on rank 0's node but not on rank(s) "
+                             f"{', '.join(map(str, missing))}: --out must be on a file system every node sees")
     if resume and (out / "last.pt").exists():  # the same rule as finetune(): the stored settings win
         stored = TrainConfig.from_dict(ckpt.read_checkpoint(out / "last.pt")["config"])
         config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
