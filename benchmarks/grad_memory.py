@@ -10,6 +10,7 @@ set unreachably low so every mode takes the same k steps), Dq to the DFT-relaxed
 CHGNet weights. ``truncated`` keeps the last ``--truncate-steps`` steps, ``checkpoint`` recomputes blocks of
 ``--checkpoint-every`` steps, ``hybrid`` unrolls a head of ``--hybrid-steps`` steps then the implicit tail
 (fixed-point gradient used at the end point even when not converged, so the CG cost is always counted),
+``hybrid-ckpt`` is ``hybrid`` with the head checkpointed per step (the trainer's default head),
 ``implicit`` solves the CG at the end point (tolerance ``--cg-tol``).
 
 Memory method. ``tracemalloc`` does not see torch's CPU allocations, so every cell runs in a fresh
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("full", "truncated", "checkpoint", "implicit", "hybrid")
+MODES = ("full", "truncated", "checkpoint", "implicit", "hybrid", "hybrid-ckpt")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,9 +75,10 @@ def run_cell(args) -> dict:
         t_forward = min(t_forward, time.perf_counter() - t0)
     base = _maxrss_mb()
     t0 = time.perf_counter()
-    out = relax_for_training(model, batch, config, grad_mode=args.mode, truncate_steps=args.truncate_steps,
+    mode, head = (("hybrid", "checkpoint") if args.mode == "hybrid-ckpt" else (args.mode, "full"))
+    out = relax_for_training(model, batch, config, grad_mode=mode, truncate_steps=args.truncate_steps,
                              checkpoint_every=args.checkpoint_every, hybrid_steps=args.hybrid_steps,
-                             fallback_unconverged=False,
+                             head_mode=head, fallback_unconverged=False,
                              implicit=ImplicitConfig(cg_tol=args.cg_tol, cg_max_iter=args.cg_max_iter))
     t_relax = time.perf_counter() - t0
     loss = dq(out.result.batch, reference).sum()

@@ -83,6 +83,7 @@ def finetune_command(
     truncate_steps: int = typer.Option(10, "--truncate-steps", help="Steps kept by --grad truncated."),
     checkpoint_every: int = typer.Option(1, "--checkpoint-every", help="Block length of --grad checkpoint."),
     hybrid_steps: int = typer.Option(10, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
+    hybrid_head: str = typer.Option("checkpoint", "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
     patience: int = typer.Option(0, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clipping per group (0 = off)."),
@@ -115,6 +116,7 @@ def finetune_command(
         config = TrainConfig(
             model=model, objective=objective, optimizer=optimizer, steps=steps, fmax=fmax, grad=grad,
             truncate_steps=truncate_steps, checkpoint_every=checkpoint_every, hybrid_steps=hybrid_steps,
+            hybrid_head=hybrid_head,
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
             seed=seed, dtype=dtype,

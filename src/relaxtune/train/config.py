@@ -17,8 +17,10 @@ class TrainConfig:
 
     Relaxation used in training: ``optimizer`` ("fire" | "gd") for at most ``steps`` steps to ``fmax``;
     ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
-    ``truncate_steps`` (truncated), ``checkpoint_every`` (checkpoint), ``hybrid_steps`` (hybrid head) and the CG
-    settings (implicit, hybrid) refine it. ``learn_step`` trains the relaxation's ``StepParameters`` with
+    ``truncate_steps`` (truncated), ``checkpoint_every`` (checkpoint blocks; 1 is the memory-saving choice:
+    longer blocks are recomputed step by step inside the forward, measured slower and larger), ``hybrid_steps``
+    and ``hybrid_head`` (the unrolled head of hybrid: "checkpoint" per step, same gradient as "full", less
+    memory) and the CG settings (implicit, hybrid) refine it. ``learn_step`` trains the relaxation's ``StepParameters`` with
     learning rate ``step_lr``.
     Optimisation: AdamW (``lr``, ``weight_decay``), linear warmup over ``warmup_frac`` of the optimizer steps
     then cosine decay to ``lr * min_lr_ratio``, gradient-norm clipping at ``grad_clip`` (0 = off),
@@ -41,6 +43,7 @@ class TrainConfig:
     truncate_steps: int = 10
     checkpoint_every: int = 1
     hybrid_steps: int = 10
+    hybrid_head: str = "checkpoint"
     cg_tol: float = 1e-3
     cg_max_iter: int = 100
     damping: float = 1e-3
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"optimizer: {self.optimizer!r} is not fire or gd")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.hybrid_head not in ("full", "checkpoint"):
+            raise ValueError(f"hybrid_head: {self.hybrid_head!r} is not full or checkpoint")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps"):

@@ -242,7 +242,7 @@ class Trainer:
         out = relax_for_training(
             self.model, batch, self._relax_config(), grad_mode=c.grad, step_params=self.step_params,
             truncate_steps=c.truncate_steps, checkpoint_every=c.checkpoint_every, hybrid_steps=c.hybrid_steps,
-            implicit=self._implicit_config(),
+            head_mode=c.hybrid_head, implicit=self._implicit_config(),
         )
         res = out.result
         weights = losses.StructureLossWeights(dq=c.dq_weight, rmsd=c.rmsd_weight)
