@@ -129,3 +129,16 @@ def test_real_chgnet_finetune_on_two_real_dft_pairs_lowers_training_dq(tmp_path)
     first, last = float(rows[1]["train_loss"]), float(rows[2]["train_loss"])
     assert last < first, (first, last)
     assert s["parameter_movement"]["model"]["relative"] > 0
+
+
+def test_a_batch_whose_relaxation_raises_is_skipped_not_fatal(sw_pairs, tmp_path):
+    import numpy as np
+
+    bad = sw_pairs[0]
+    nan = bad.initial.copy()
+    nan.positions[2] = np.nan
+    broken = type(bad)(name="nan", group="x", initial=nan, final=bad.final)
+    cfg = TrainConfig(**{**SW, "batch_size": 1}, grad="implicit", epochs=1)
+    s = finetune(cfg, [broken, sw_pairs[1]], sw_pairs[4:], tmp_path, progress=False, log=lambda m: None)
+    assert s["skipped_batches"] + s["skipped_structures"] >= 1
+    assert s["parameter_movement"]["model"]["relative"] > 0

@@ -304,7 +304,18 @@ class Trainer:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         fn = self._structure_loss if c.objective == "structure" else self._forces_loss
-        loss_sum, n_ok, blew = fn(pairs, stats)
+        try:
+            loss_sum, n_ok, blew = fn(pairs, stats)
+        except (RuntimeError, ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+            # a relaxation that went so wrong that the model or the neighbour search raised (e.g. NaN
+            # coordinates): skip this batch, count it, keep training
+            self.log(f"skipped a batch ({', '.join(p.name for p in pairs)}): {type(exc).__name__}: "
+                     f"{' '.join(str(exc).split())[:200]}")
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped_batches += 1
+            stats.skipped_structures += len(pairs)
+            self.scheduler.step()
+            return
         stats.skipped_structures += int(blew.sum())
         if n_ok and not self._grads_finite() and bool(blew.any()):
             # NaNs of a blown-up structure can leak into the shared gradient (0 * inf): retry without it
