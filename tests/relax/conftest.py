@@ -7,13 +7,6 @@ on this machine; ASE-parity tests of the optimizers drive ASE with this float64 
 import pytest
 import torch
 
-try:  # one BLAS thread: on the shared 2-core machine scipy's 3x3 solves in ASE's filters were 10x slower threaded
-    import scipy.linalg  # noqa: F401  (load scipy's own OpenBLAS first, so the limit reaches it too)
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-except ImportError:  # pragma: no cover
-    pass
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
