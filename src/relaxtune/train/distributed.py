@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -240,8 +239,8 @@ class DistributedTrainer(Trainer):
 
     def __init__(self, config, train, val, out_dir, *, ctx: DistContext, model=None, progress: bool = True,
                  log: Callable[[str], None] | None = None):
+        self.ctx = ctx  # first: the overridden hooks below read it
         super().__init__(config, train, val, out_dir, model=model, progress=progress and ctx.is_main, log=log)
-        self.ctx = ctx
 
     # -------------------------------------------------------------- rank-0-only side effects
     def log(self, msg: str) -> None:
