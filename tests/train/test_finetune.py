@@ -142,3 +142,11 @@ def test_a_batch_whose_relaxation_raises_is_skipped_not_fatal(sw_pairs, tmp_path
     s = finetune(cfg, [broken, sw_pairs[1]], sw_pairs[4:], tmp_path, progress=False, log=lambda m: None)
     assert s["skipped_batches"] + s["skipped_structures"] >= 1
     assert s["parameter_movement"]["model"]["relative"] > 0
+
+
+def test_summary_has_per_structure_validation_dq(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, grad="implicit", epochs=1)
+    s = finetune(cfg, sw_pairs[:2], sw_pairs[4:], tmp_path, progress=False)
+    before, after = s["val_dq_by_structure_before"], s["val_dq_by_structure_after"]
+    assert set(before) == {"sw4", "sw5"} and set(after) == {"sw4", "sw5"}
+    assert sum(before.values()) / 2 == pytest.approx(s["val_before"]["dq_mean"])

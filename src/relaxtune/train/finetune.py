@@ -345,7 +345,9 @@ class Trainer:
         c = self.config
         result = evaluate(self.model, self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer,
                           max_steps=c.eval_max_steps, batch_size=c.batch_size, dtype=self.dtype)
-        return result.metrics
+        metrics = dict(result.metrics)
+        metrics["dq_by_structure"] = {r["name"]: r["dq"] for r in result.rows}
+        return metrics
 
     def _payload(self, metrics: dict[str, Any] | None, with_trainer: bool) -> dict[str, Any]:
         data = {
@@ -422,6 +424,8 @@ class Trainer:
             for key in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate",
                         "converged_rate", "steps_mean"):
                 row[f"val_{key}"] = val.get(key)
+            if "dq_by_structure" in val:  # summary.json only (not a metrics.csv column)
+                row["val_dq_by_structure"] = val["dq_by_structure"]
         if self.step_params is not None:
             row["step_size"] = float(self.step_params.step_size.detach())
         # best: lowest validation Dq (or training loss without a validation set)
@@ -505,7 +509,8 @@ class Trainer:
     def _line(self, row: dict[str, Any]) -> str:
         parts = [f"epoch {row['epoch']}"]
         if row.get("train_loss") is not None:
-            parts.append(f"train Dq {row['train_loss']:.4f}")
+            label = "train Dq" if self.config.objective == "structure" else "train E/F loss"
+            parts.append(f"{label} {row['train_loss']:.4f}")
         if row.get("val_dq_mean") is not None:
             parts.append(f"val Dq {row['val_dq_mean']:.4f}")
         if row.get("skipped_structures"):
@@ -545,6 +550,8 @@ class Trainer:
             "val_before": pick(before),
             "val_after": pick(best_row),
             "val_last": pick(last_row),
+            "val_dq_by_structure_before": before.get("val_dq_by_structure"),
+            "val_dq_by_structure_after": best_row.get("val_dq_by_structure"),
             "train_loss_first_epoch": next((r.get("train_loss") for r in self.history if r["epoch"] == 1), None),
             "train_loss_last_epoch": last_row.get("train_loss"),
             "skipped_structures": int(sum(r.get("skipped_structures") or 0 for r in self.history)),
