@@ -23,7 +23,7 @@ def test_checkpoint_roundtrip_gives_the_trained_model_everywhere(sw_pairs, tmp_p
     for name, value in data["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[name], value)
         torch.testing.assert_close(same.state_dict()[name], value)
-    assert float(model.sigma) != StillingerWeber().sigma.item()  # trained, not the default
+    assert float(model.sigma.detach()) != StillingerWeber().sigma.item()  # trained, not the default
     sp = ckpt.load_checkpoint_step_params(tmp_path / "last.pt")
     assert sp is not None and sp.step_size.item() > 0
     # fine-tuning a checkpoint stores the base model, not the path
