@@ -104,6 +104,10 @@ def cells() -> list[Cell]:
     for method, over, note in CV_METHODS:
         out.append(Cell(f"p1cv-{method}-int_H_1", 1, "finetune", over, train_names=CV_STRUCTURES, holdout="int_H_1",
                         note=note))
+    # a fifth fold once int_T_1 arrived (17:55): held out, trained on the four others
+    for method, over, note in CV_METHODS:
+        out.append(Cell(f"p1cv-{method}-int_T_1", 1, "finetune", over, train_names=CV_STRUCTURES + ("int_H_1",),
+                        holdout="int_T_1", note=note))
     out.append(Cell("p1-pretrained-chgnet-crystals", 1, "pretrained", data="builtin:crystals",
                     note="crystal split (cell relaxation)"))
     # part 2: one factor at a time around the base, on the fixed 2-structure training set P2_TRAIN
@@ -324,16 +328,6 @@ def tables(study: Path, memory_json: Path | None = None) -> str:
     recs = {k: v for k, v in recs.items() if v is not None}
     out: list[str] = []
     pre = recs.get("p1-pretrained-chgnet")
-    # the common held-out set: structures every finished CHGNet cell evaluated
-    chg = [r for n, r in recs.items() if r["model"] == "chgnet" and r["data"] == DATA and r["eval"]
-           and not n.startswith("p1cv-")]
-    held_sets = [{n for n, row in r["eval"].items() if row["split"] in HELD_OUT} for r in chg]
-    common = sorted(set.intersection(*held_sets)) if held_sets else []
-    out.append(f"Held-out structures common to every CHGNet cell below ({len(common)}): "
-               + ", ".join(f"{n} ({pre['eval'][n]['split'] if pre and n in pre['eval'] else '?'})" for n in common))
-    out.append("")
-    base_dq = held_metrics(pre, common)["dq_mean"] if pre else None
-
     def fit(rec: dict) -> str:
         names = rec.get("train_names") or []
         if not names or not pre:
@@ -341,17 +335,21 @@ def tables(study: Path, memory_json: Path | None = None) -> str:
         a, b = held_metrics(rec, names)["dq_mean"], held_metrics(pre, names)["dq_mean"]
         return f"{_f(b)} → {_f(a)}" if a is not None and b is not None else "–"
 
-    def row(name: str, rec: dict) -> str:
-        allm, test, val = held_metrics(rec, common), held_metrics(rec, common, "test"), held_metrics(rec, common, "val")
-        rel = f"{(allm['dq_mean'] - base_dq) / base_dq * 100:+.1f}%" if base_dq and allm["dq_mean"] is not None else "–"
-        tr = rec.get("train_seconds")
-        return (f"| {name} | {rec.get('note', '')} | {len(rec.get('train_names', [])) or '–'} | {_f(test['dq_mean'])} "
-                f"({test['n']}) | {_f(val['dq_mean'])} ({val['n']}) | {_f(allm['dq_mean'])} | {rel} | "
-                f"{allm['basin']}/{allm['n']} | {allm['converged']}/{allm['n']} | {fit(rec)} | {_f(tr, 0) if tr else '–'} |")
+    def unseen_set(names: list[str]) -> list[str]:
+        """Structures every cell of a table evaluated and none of them trained on."""
+        evals = [set(recs[n]["eval"]) for n in names]
+        trained = set().union(*(set(recs[n].get("train_names") or []) for n in names))
+        return sorted(set.intersection(*evals) - trained) if evals else []
 
-    head = ("| cell | what | n train | Dq test split (n) | Dq val split (n) | Dq all held-out | vs pretrained | "
-            "correct basin | converged | Dq on its training structures: pretrained → fine-tuned | train s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    def row(name: str, rec: dict, unseen: list[str], base: float | None) -> str:
+        m = held_metrics(rec, unseen)
+        rel = f"{(m['dq_mean'] - base) / base * 100:+.1f}%" if base and m["dq_mean"] is not None else "–"
+        per = " / ".join(_f(rec["eval"][n]["dq"]) for n in unseen)
+        tr = rec.get("train_seconds")
+        return (f"| {name} | {rec.get('note', '')} | {len(rec.get('train_names', [])) or '–'} | {per} | "
+                f"{_f(m['dq_mean'])} | {rel} | {m['basin']}/{m['n']} | {m['converged']}/{m['n']} | {fit(rec)} | "
+                f"{_f(tr, 0) if tr else '–'} |")
+
     for part in (1, 2, 4):
         names = [c.name for c in cells() if c.part == part and c.name in recs and recs[c.name]["data"] == DATA
                  and recs[c.name]["model"] == "chgnet" and c.holdout is None]
@@ -364,27 +362,34 @@ def tables(study: Path, memory_json: Path | None = None) -> str:
             names.insert(2 if "p4-ntrain1" in names else 1, "p2-base")  # n = 2 (same cell as part 2's base)
         if not names:
             continue
-        out += [f"### Part {part}", "", head] + [row(n, recs[n]) for n in names] + [""]
+        unseen = unseen_set(names)
+        base_dq = held_metrics(pre, unseen)["dq_mean"] if pre else None
+        label = ", ".join(f"{n} ({pre['eval'][n]['split'] if pre and n in pre['eval'] else '?'} split)" for n in unseen)
+        head = (f"| cell | what | n train | Dq per unseen structure: {' / '.join(unseen)} | mean Dq unseen | "
+                "vs pretrained | correct basin (unseen) | converged | Dq on its training structures: pretrained → "
+                "fine-tuned | train s |\n|---|---|---|---|---|---|---|---|---|---|")
+        out += [f"### Part {part}", "", f"Unseen structures (evaluated by every cell of this table, trained on by "
+                f"none): {label}.", "", head] + [row(n, recs[n], unseen, base_dq) for n in names] + [""]
         if part == 1:
             groups: dict[str, list] = {"bptt": [], "forces": [], "implicit": []}
             for g in groups:
                 for n in [SEED0_ALIASES[g], f"p1-{g}-s1", f"p1-{g}-s2"]:
                     if n in recs:
-                        groups[g].append(held_metrics(recs[n], common)["dq_mean"])
+                        groups[g].append(held_metrics(recs[n], unseen)["dq_mean"])
             lines = []
             for g, vals in groups.items():
                 m, sd = _stats(vals)
                 if m is not None:
-                    rel = f", {(m - base_dq) / base_dq * 100:+.1f}% vs pretrained" if base_dq else ""
-                    lines.append(f"- {g}: mean held-out Dq over {len(vals)} seed(s) {m:.3f}"
+                    rel = f", {(m - base_dq) / base_dq * 100:+.1f}% vs pretrained ({base_dq:.3f})" if base_dq else ""
+                    lines.append(f"- {g}: mean unseen Dq over {len(vals)} seed(s) {m:.3f}"
                                  + (f" ± {sd:.3f} (sample std)" if sd is not None else "") + rel)
             out += lines + [""]
     # part 1, cross-validation folds
     cv = {n: r for n, r in recs.items() if n.startswith("p1cv-")}
     if cv and pre:
-        out += ["### Part 1 (leave-one-structure-out over the three present seed relaxations)", "",
+        out += ["### Part 1, cross-validation (leave one structure out)", "",
                 "| method | held-out structure | Dq pretrained | Dq fine-tuned | change | max disp (Å) pre → fine | "
-                "correct basin pre/fine | Dq on its training structures (2, or 3 for int_H_1): pre → fine | train s |",
+                "correct basin pre/fine | Dq on its training structures (2; 3 for int_H_1; 4 for int_T_1): pre → fine | train s |",
                 "|---|---|---|---|---|---|---|---|---|"]
         per_method: dict[str, list[float]] = {}
         for c in cells():
