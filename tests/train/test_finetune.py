@@ -40,6 +40,8 @@ def test_learn_step_moves_relaxation_parameters_and_reports_movement(sw_pairs, t
     assert mv["model"]["relative"] > 0 and mv["relax"]["relative"] > 0
     assert s["step_size_after"] != s["step_size_before"]
     assert set(mv["model_by_module"]) == {"A", "B", "epsilon", "gamma", "lambda1", "sigma"}
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(rows[1]["grad_norm_model"]) > 0 and float(rows[1]["grad_norm_relax"]) > 0
     # implicit: a fixed point does not depend on the step size, so it gets no gradient
     s2 = finetune(cfg.replace(grad="implicit"), sw_pairs[:4], sw_pairs[4:], tmp_path / "imp", progress=False)
     assert s2["parameter_movement"]["relax"]["absolute"] == 0.0

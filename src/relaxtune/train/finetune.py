@@ -14,7 +14,9 @@ Each epoch ends with validation (Dq of FIRE relaxations to ``eval_fmax`` over th
 the same result, because the data order of each epoch is drawn from a generator seeded by (seed, epoch), not
 from global state). Epoch 0 is the pretrained model (the "before" figure). ``summary.json`` holds the before /
 after validation metrics and how far each parameter group moved (||θ-θ0|| / ||θ0||, model weights vs
-relaxation parameters: the reference paper's "preference" finding).
+relaxation parameters: the reference paper's "preference" finding). Under Adam every parameter moves about
+``lr`` per step whatever its gradient, so that ratio reflects the two learning rates as much as the loss;
+``metrics.csv`` therefore also records each group's mean gradient norm (before clipping) per epoch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ CHGNET_EMBEDDINGS = ("atom_embedding", "bond_basis_expansion", "bond_embedding",
                      "bond_weights_bg", "angle_basis_expansion", "angle_embedding", "composition_model")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
                  "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
+                 "grad_norm_model", "grad_norm_relax",
                  "val_dq_mean", "val_dq_median", "val_rmsd_mean", "val_max_disp_mean", "val_basin_match_rate",
                  "val_converged_rate", "val_steps_mean", "step_size", "is_best", "time_s"]
 
@@ -122,6 +125,7 @@ class EpochStats:
     cg_iterations: int = 0
     fallback: int = 0
     truncated: int = 0
+    grad_norms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -328,8 +332,11 @@ class Trainer:
             stats.skipped_batches += 1
             self.scheduler.step()  # keep the schedule aligned with the planned number of steps
             return
-        if c.grad_clip > 0:
-            for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:  # norms before clipping (diagnostics in metrics.csv)
+            grads = [p.grad.detach().double().reshape(-1) for p in group["params"] if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+            stats.grad_norms.setdefault(group.get("name", "model"), []).append(norm)
+            if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(group["params"], c.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -420,6 +427,8 @@ class Trainer:
                 "cg_iterations": stats.cg_iterations, "implicit_fallback": stats.fallback,
                 "cg_truncated": stats.truncated,
             })
+            for name, norms in stats.grad_norms.items():
+                row[f"grad_norm_{name}"] = float(np.mean(norms)) if norms else None
         if val is not None:
             for key in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate",
                         "converged_rate", "steps_mean"):
