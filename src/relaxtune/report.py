@@ -307,12 +307,12 @@ def plot_curves(metrics: list[dict], objective: str, path: Path) -> Path | None:
     if vx:
         ax.plot(vx, vy, "o-", color="C1", label="validation Dq (relaxed to fmax)")
         ax.axhline(vy[0], color="gray", ls=":", lw=1, label="pretrained (epoch 0)")
+        ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no validation set", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("epoch")
     ax.set_ylabel("Dq (√amu·Å)")
     ax.set_title("validation Dq")
-    ax.legend(fontsize=8)
     ax = axes[1]
     label = "training Dq (k-step unroll)" if objective == "structure" else "training loss (force/energy MSE)"
     if tx:
@@ -494,8 +494,11 @@ def build_markdown(run: RunInfo, cmp: dict | None, plots: dict[str, Path | None]
         vb, va = s.get("val_before") or {}, s.get("val_after") or {}
         rows = [[k, vb.get(k), va.get(k)] for k in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean",
                                                     "basin_match_rate", "converged_rate", "steps_mean")]
-        lines += _table(["validation metric", "pretrained (epoch 0)", f"fine-tuned (best epoch {_fmt(s.get('best_epoch'))})"],
-                        rows)
+        if any(v is not None for r in rows for v in r[1:]):
+            lines += _table(["validation metric", "pretrained (epoch 0)",
+                             f"fine-tuned (best epoch {_fmt(s.get('best_epoch'))})"], rows)
+        else:
+            lines += ["The run had no validation set (best.pt = lowest training loss); see the held-out section."]
         lines += [""]
         change = s.get("val_dq_change")
         facts = [("training structures", s.get("n_train")), ("validation structures", s.get("n_val")),
