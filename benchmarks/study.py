@@ -121,6 +121,8 @@ def cells() -> list[Cell]:
         out.append(Cell(f"p2-gd-eta{eta:g}", 2, "finetune", {"optimizer": "gd"}, step_size=eta, **two,
                         note=f"GD, η = {eta} Å²/eV, k=50, last 10 steps"))
     out.append(Cell("p2-lr1e-3", 2, "finetune", {"lr": 1e-3}, **two, note="base with lr 1e-3 (10x the budget's step)"))
+    out.append(Cell("p3-learn-step-equal-lr", 3, "finetune", {"learn_step": True, "step_lr": 1e-4}, **two,
+                    note="learnable FIRE step with the model's learning rate (1e-4): who moves at equal lr"))
     out.append(Cell("p2-learn-step", 2, "finetune", {"learn_step": True}, **two, note="learnable step (FIRE), k=50"))
     # truncated = p2-base; full = p2-k10 / p2-k25 (checkpointed blocks give the full gradient)
     for mode in ("hybrid", "implicit"):
@@ -272,6 +274,7 @@ def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
                "n_train_requested": cell.n_train, "train_names_requested": cell.train_names, "holdout": cell.holdout, "config": config.to_dict(),
                "train_names": [p.name for p in use], "summary": summary, "run_dir": str(run_dir),
                "train_seconds": round(time.time() - t0, 1), "eval": {},
+               "metrics": _read_metrics(run_dir / "metrics.csv"),
                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_json(rec, path)
         log(f"{cell.name}: trained in {rec['train_seconds']} s; parameter movement "
@@ -283,6 +286,16 @@ def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
     atomic_json(rec, path)
     log(f"{cell.name}: {n} structures evaluated, {len(rec['eval'])} in total")
     return rec
+
+
+def _read_metrics(path: Path) -> list[dict] | None:
+    """The trainer's metrics.csv rows (per epoch; per-group gradient norms where the trainer records them)."""
+    if not path.exists():
+        return None
+    import csv
+
+    with open(path, newline="") as fh:
+        return [dict(row) for row in csv.DictReader(fh)]
 
 
 def is_complete(cell: Cell, study: Path) -> bool:
@@ -303,6 +316,15 @@ def _stats(vals: list[float]) -> tuple[float | None, float | None]:
     if not v:
         return None, None
     return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def _gradnorms(rec: dict) -> str:
+    rows = [r for r in (rec.get("metrics") or []) if r.get("grad_norm_model")]
+    if not rows:
+        return "–"
+    gm = np.mean([float(r["grad_norm_model"]) for r in rows])
+    gr = [float(r["grad_norm_relax"]) for r in rows if r.get("grad_norm_relax")]
+    return f"{gm:.3g} / {np.mean(gr):.3g}" if gr else f"{gm:.3g} / –"
 
 
 def _yn(x) -> str:
@@ -438,8 +460,9 @@ def tables(study: Path, memory_json: Path | None = None) -> str:
     moved = [(n, r) for n, r in recs.items() if r.get("summary")]
     if moved:
         out += ["### Part 3: who moved (relative change ||θ−θ₀||/||θ₀||)", "",
-                "| cell | model weights | relaxation parameters | step size before → after | largest-moving model module |",
-                "|---|---|---|---|---|"]
+                "| cell | model weights | relaxation parameters | step size before → after | largest-moving model module "
+                "| mean gradient norm model / relax (before clipping) |",
+                "|---|---|---|---|---|---|"]
         for n, r in moved:
             pm = r["summary"].get("parameter_movement") or {}
             mods = pm.get("model_by_module") or {}
@@ -449,7 +472,7 @@ def tables(study: Path, memory_json: Path | None = None) -> str:
             step = (f"{ss['step_size_before']:.4g} → {ss['step_size_after']:.4g}" if "step_size_before" in ss else "–")
             out.append(f"| {n} | {pm.get('model', {}).get('relative', float('nan')):.3g} | "
                        f"{'–' if relax is None else f'{relax:.3g}'} | {step} | "
-                       f"{f'{top[0]} ({top[1]:.3g})' if top else '–'} |")
+                       f"{f'{top[0]} ({top[1]:.3g})' if top else '–'} | {_gradnorms(r)} |")
         out.append("")
     # part 5: memory
     mem = memory_table(memory_json)
