@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from ase.build import bulk
 from ase.io import read, write
 
-from relaxtune.cli import main
 from relaxtune.data.builders import SI_DEFECT_TYPES, rattle
+from helpers import run_cli as run
 
 
-def run(monkeypatch, capsys, *args):
-    """Run the real entry point; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

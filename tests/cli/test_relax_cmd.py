@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -11,19 +10,9 @@ from ase.build import bulk
 from ase.constraints import FixAtoms
 from ase.io import read, write
 
-from relaxtune.cli import main
+from helpers import run_cli as run
 
 
-def run(monkeypatch, capsys, *args):
-    """Run the real entry point; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _si(a=5.40, seed=0, rattle=0.05):

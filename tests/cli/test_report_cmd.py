@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from ase.io import write
 
-from relaxtune.cli import main
 from relaxtune.data import load_pairs
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import finetune
+from helpers import run_cli as run
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
