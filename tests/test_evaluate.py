@@ -1,18 +1,15 @@
 """Dataset metrics: relax every initial structure and compare with its reference."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from swdata import TRUTH, make_sw_pairs  # noqa: E402
+from swdata import TRUTH, make_sw_pairs
 
-from relaxtune.evaluate import BASIN_TOLERANCE, evaluate, summarize  # noqa: E402
-from relaxtune.potentials.classical import StillingerWeber  # noqa: E402
+from relaxtune.evaluate import BASIN_TOLERANCE, evaluate, summarize
+from relaxtune.potentials.classical import StillingerWeber
 
 
 def test_evaluate_metrics_on_sw_pairs():

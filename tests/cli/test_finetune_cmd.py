@@ -10,29 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swdata import write_sw_dataset  # noqa: E402
+from swdata import write_sw_dataset
 
-from relaxtune.cli import main  # noqa: E402
+from helpers import run_cli as run
 
 SW_ARGS = ["--model", "sw", "--optimizer", "gd", "--steps", "300", "--fmax", "0.001", "--batch-size", "2",
            "--lr", "0.003", "--no-progress"]
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["relaxtune", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,9 @@
 """Fixtures for trainer tests: synthetic Stillinger-Weber relaxation pairs (see tests/swdata.py)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from swdata import make_sw_pairs  # noqa: E402
+from swdata import make_sw_pairs
 
 
 @pytest.fixture(scope="session")
