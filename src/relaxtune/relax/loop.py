@@ -31,6 +31,7 @@ a skin keep their topology for the whole call (DESIGN.md: 8e-5 eV/Å error over 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -52,8 +53,9 @@ COMPACT_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
-class RelaxConfig:
-    """How to relax. FIRE parameters are ASE's defaults; ``step_size`` etc. are for gradient descent."""
+class RelaxConfig(FireParams):
+    """How to relax. FIRE parameters (inherited from ``FireParams``) are ASE's defaults; ``step_size`` etc. are
+    for gradient descent."""
 
     optimizer: str = "fire"  # "fire" | "gd"
     fmax: float = 0.05  # eV/Å; converged when max row force < fmax (strict, as ASE)
@@ -65,15 +67,6 @@ class RelaxConfig:
     max_displacement: float | None = 0.2  # Å per atom per step (smooth cap), None = no cap
     anneal: float = 1.0  # eta multiplied by this every step
     momentum: float = 0.0
-    # FIRE (ase.optimize.FIRE defaults)
-    dt: float = 0.1
-    maxstep: float = 0.2
-    dtmax: float = 1.0
-    Nmin: int = 5
-    finc: float = 1.1
-    fdec: float = 0.5
-    astart: float = 0.1
-    fa: float = 0.99
     # safety
     blowup_force: float = 1e3  # eV/Å
 
@@ -89,8 +82,7 @@ class RelaxConfig:
 
     @property
     def fire_params(self) -> FireParams:
-        return FireParams(dt=self.dt, maxstep=self.maxstep, dtmax=self.dtmax, Nmin=self.Nmin, finc=self.finc,
-                          fdec=self.fdec, astart=self.astart, fa=self.fa)
+        return FireParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FireParams)})
 
 
 @dataclass(frozen=True)
