@@ -314,7 +314,8 @@ def plot_curves(metrics: list[dict], objective: str, path: Path) -> Path | None:
     ax.set_ylabel("Dq (√amu·Å)")
     ax.set_title("validation Dq")
     ax = axes[1]
-    label = "training Dq (k-step unroll)" if objective == "structure" else "training loss (force/energy MSE)"
+    label = {"structure": "training Dq (relaxation)", "forces": "training loss (force/energy MSE)"}.get(
+        objective, "training loss (Dq + forces_mix x force/energy MSE)")
     if tx:
         ax.plot(tx, ty, "s-", color="C0", label=label)
         ax.legend(fontsize=8)

@@ -10,7 +10,7 @@ import torch
 
 from relaxtune.potentials.classical import StillingerWeber
 from relaxtune.train.config import TrainConfig
-from relaxtune.train.finetune import Trainer, finetune, lr_factor, select_trainable
+from relaxtune.train.finetune import EpochStats, Trainer, finetune, lr_factor, select_trainable
 
 SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
           eval_fmax=1e-3)
@@ -86,6 +86,24 @@ def test_forces_objective_baseline_runs_and_lowers_force_error(sw_pairs, tmp_pat
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
     assert s["parameter_movement"]["model"]["relative"] > 0
+
+
+def test_structure_plus_forces_adds_each_structures_mean_frame_loss(sw_pairs, tmp_path):
+    pairs = sw_pairs[:2]
+    cfg = TrainConfig(**SW, objective="structure+forces", forces_mix=7.0)
+    trainer = Trainer(cfg, pairs, [], tmp_path, progress=False)
+    combined, n_ok, blew = trainer._combined_loss(pairs, EpochStats())
+    structure, _, _ = trainer._structure_loss(pairs, EpochStats())
+    frame_means = [trainer._forces_loss([p], EpochStats())[0] for p in pairs]  # one structure: its frame mean
+    assert n_ok == 2 and not blew.any() and min(frame_means) > 0
+    assert combined == pytest.approx(structure + 7.0 * sum(frame_means), rel=1e-9)
+
+
+def test_structure_plus_forces_objective_lowers_validation_dq(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, objective="structure+forces", forces_mix=1.0, epochs=3)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
+    assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
 
 
 def test_early_stopping(sw_pairs, tmp_path):

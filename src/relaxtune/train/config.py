@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-OBJECTIVES = ("structure", "forces")
+OBJECTIVES = ("structure", "forces", "structure+forces")
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -31,6 +31,8 @@ class TrainConfig:
     (E_frame - E_last frame, per atom) on every DFT trajectory frame of the same training structures,
     ``force_weight`` / ``energy_weight``; each optimizer step sees all frames of ``batch_size`` structures, so
     both objectives take the same number of optimizer steps per epoch (the same budget).
+    ``objective="structure+forces"``: Dq plus ``forces_mix`` times each structure's mean energy/force loss over
+    its DFT frames (both averaged over structures).
     """
 
     model: str = "chgnet"
@@ -66,6 +68,7 @@ class TrainConfig:
     force_weight: float = 1.0
     energy_weight: float = 1.0
     frame_chunk: int = 8
+    forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
     # validation / stopping
     eval_fmax: float = 0.02
     eval_max_steps: int = 500

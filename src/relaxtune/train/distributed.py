@@ -289,7 +289,7 @@ class DistributedTrainer(Trainer):
         if not pairs:
             return _Local(0.0, 0, torch.zeros(0, dtype=torch.bool), 0.0, 0.0)
         loss_sum, n_ok, blew = fn(pairs, stats)
-        if self.config.objective == "structure":
+        if self.config.objective != "forces":  # a mean over structures
             weight, total = float(n_ok), float(loss_sum)
         else:  # forces: the local loss was the mean over this share's DFT frames
             n_frames = sum(len(_frames(p)) for p in pairs)
@@ -300,7 +300,7 @@ class DistributedTrainer(Trainer):
     def _global_loss(self, tot: list[float]) -> float:
         """The loss sum the single-process trainer would report for the whole batch."""
         loss_sum, n_ok, weight, total = tot[0], tot[1], tot[2], tot[3]
-        if self.config.objective == "structure":
+        if self.config.objective != "forces":
             return loss_sum
         return total / weight * n_ok if weight else 0.0
 
@@ -309,7 +309,7 @@ class DistributedTrainer(Trainer):
             return super()._step(pairs, stats)
         c, ctx = self.config, self.ctx
         params = self.model_params + self.relax_params
-        fn = self._structure_loss if c.objective == "structure" else self._forces_loss
+        fn = self._loss_fn()
         mine = shard(pairs, ctx)
 
         def run(share, st):

@@ -266,48 +266,71 @@ class Trainer:
         loss_sum = float(torch.where(blew, torch.zeros_like(per), per).detach().sum())
         return loss_sum, n_ok, blew
 
-    def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
-        """Baseline: MSE of forces and relative energies over every DFT frame of ``pairs`` (chunks, grad
-        accumulation). Returns (mean loss per structure summed, n structures, blew-up mask (none))."""
-        c = self.config
-        per_structure = []
+    def _frame_chunks(self, pairs: Sequence) -> list[tuple[int, Any, list]]:
+        """(structure index, its relaxed DFT frame, up to ``frame_chunk`` DFT frames) over ``pairs``."""
         chunks = []
         for k, pair in enumerate(pairs):
             frames = _frames(pair)
-            if not frames:
-                continue
-            ref = frames[-1]
-            for i in range(0, len(frames), c.frame_chunk):
-                chunks.append((k, ref, frames[i:i + c.frame_chunk], i == 0))
+            for i in range(0, len(frames), self.config.frame_chunk):
+                chunks.append((k, frames[-1], frames[i:i + self.config.frame_chunk]))
+        return chunks
+
+    def _frame_terms(self, ref, frames: list) -> torch.Tensor:
+        """Energy/force loss of each DFT frame (len(frames),), with the graph: MSE of the forces and squared
+        error of the energy relative to the relaxed frame ``ref``, per atom."""
+        c = self.config
+        structures = [ref] + list(frames)
+        batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
+        ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True)
+        e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
+        f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
+                             device=self.device)
+        e_term = ((ef.energy[1:] - ef.energy[0]) - (e_dft[1:] - e_dft[0])) ** 2 / float(len(ref)) ** 2
+        f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
+        return c.energy_weight * e_term + c.force_weight * f_per[1:]
+
+    def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
+        """Baseline: MSE of forces and relative energies over every DFT frame of ``pairs`` (chunks, grad
+        accumulation). Returns (mean loss per structure summed, n structures, blew-up mask (none))."""
+        chunks = self._frame_chunks(pairs)
         n_frames = sum(len(ch[2]) for ch in chunks)
         if n_frames == 0:
             return 0.0, 0, torch.zeros(len(pairs), dtype=torch.bool)
         total = 0.0
-        for k, ref, frames, first in chunks:
-            structures = [ref] + list(frames)
-            batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
-            prepared = self.model.prepare(batch)
-            ef = energy_and_forces(self.model, batch, prepared, create_graph=True)
-            e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
-            f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
-                                 device=self.device)
-            n_at = float(len(ref))
-            d_model = ef.energy[1:] - ef.energy[0]
-            d_dft = e_dft[1:] - e_dft[0]
-            e_term = ((d_model - d_dft) / n_at) ** 2
-            f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
-            loss = c.energy_weight * e_term.sum() + c.force_weight * f_per[1:].sum()
-            # scale: mean over the batch's frames
-            scaled = loss / n_frames
-            if scaled.requires_grad:
-                scaled.backward()
+        for _, ref, frames in chunks:
+            loss = self._frame_terms(ref, frames).sum()
+            if loss.requires_grad:
+                (loss / n_frames).backward()  # the mean over the batch's frames
             total += float(loss.detach())
         return total / n_frames * len(pairs), len(pairs), torch.zeros(len(pairs), dtype=torch.bool)
+
+    def _combined_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
+        """Dq through the relaxation plus ``forces_mix`` x each structure's mean energy/force loss over its DFT
+        frames, averaged over the structures whose relaxation did not blow up. The frames anchor the
+        potential energy surface along the whole DFT path (most atoms of a defect cell are bulk-like), which the
+        relaxed end point alone constrains weakly."""
+        loss_sum, n_ok, blew = self._structure_loss(pairs, stats)
+        kept = [p for p, b in zip(pairs, blew.tolist()) if not b]
+        if not n_ok:
+            return loss_sum, n_ok, blew
+        chunks = self._frame_chunks(kept)
+        per_structure = [len(_frames(p)) for p in kept]
+        mix = self.config.forces_mix
+        for k, ref, frames in chunks:
+            loss = self._frame_terms(ref, frames).sum() / per_structure[k]
+            if loss.requires_grad:
+                (loss * mix / n_ok).backward()
+            loss_sum += mix * float(loss.detach())
+        return loss_sum, n_ok, blew
+
+    def _loss_fn(self) -> Callable[[Sequence, EpochStats], tuple[float, int, torch.Tensor]]:
+        return {"structure": self._structure_loss, "forces": self._forces_loss,
+                "structure+forces": self._combined_loss}[self.config.objective]
 
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        fn = self._structure_loss if c.objective == "structure" else self._forces_loss
+        fn = self._loss_fn()
         try:
             loss_sum, n_ok, blew = fn(pairs, stats)
         except (RuntimeError, ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
@@ -518,7 +541,7 @@ class Trainer:
     def _line(self, row: dict[str, Any]) -> str:
         parts = [f"epoch {row['epoch']}"]
         if row.get("train_loss") is not None:
-            label = "train Dq" if self.config.objective == "structure" else "train E/F loss"
+            label = {"structure": "train Dq", "forces": "train E/F loss"}.get(self.config.objective, "train loss")
             parts.append(f"{label} {row['train_loss']:.4f}")
         if row.get("val_dq_mean") is not None:
             parts.append(f"val Dq {row['val_dq_mean']:.4f}")
