@@ -10,6 +10,8 @@ from relaxtune.potentials.base import UnsupportedElementError, energy_and_forces
 from relaxtune.potentials.chgnet import CHGNetModel
 from relaxtune.state import Batch
 
+from helpers import assert_energy_forces_gradcheck
+
 STRAIN = np.array([[1.02, 0.01, 0.0], [0.01, 0.985, 0.005], [0.0, 0.005, 1.01]])
 
 
@@ -95,22 +97,7 @@ def test_second_derivatives_reach_parameters(model):
 
 def test_gradcheck_float64():
     """Energy -> forces (first) and Hessian (second derivative) vs finite differences, positions and cell."""
-    model = CHGNetModel(dtype=torch.float64)
-    atoms = bulk("Si", "diamond", a=5.43)
-    atoms.rattle(0.05, seed=3)
-    batch = Batch.from_atoms([atoms], dtype=torch.float64)
-    prepared = model.prepare(batch)
-
-    def energy(positions, cell):
-        return model.energy(batch.replace(positions=positions, cell=cell), prepared)
-
-    def forces(positions):
-        return energy_and_forces(model, batch.replace(positions=positions), prepared, create_graph=True).forces
-
-    pos = batch.positions.clone().requires_grad_(True)
-    cell = batch.cell.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(energy, (pos, cell), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradcheck(forces, (pos,), eps=1e-6, atol=1e-4)
+    assert_energy_forces_gradcheck(CHGNetModel(dtype=torch.float64))
 
 
 def test_unsupported_element(model):

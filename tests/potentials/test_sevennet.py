@@ -15,6 +15,8 @@ from relaxtune.potentials.base import UnsupportedElementError, energy_and_forces
 from relaxtune.potentials.sevennet import SevenNetModel
 from relaxtune.state import Batch
 
+from helpers import assert_energy_forces_gradcheck
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -100,22 +102,7 @@ def test_second_derivatives_reach_parameters(model):
 
 def test_gradcheck_float64(model):
     """Forces are the exact derivative of the energy (positions and cell), and so is the Hessian."""
-    model = SevenNetModel(model.net, dtype=torch.float64)  # a float64 copy of the loaded network
-    atoms = bulk("Si", "diamond", a=5.43)
-    atoms.rattle(0.05, seed=3)
-    batch = Batch.from_atoms([atoms], dtype=torch.float64)
-    prepared = model.prepare(batch)
-
-    def energy(positions, cell):
-        return model.energy(batch.replace(positions=positions, cell=cell), prepared)
-
-    def forces(positions):
-        return energy_and_forces(model, batch.replace(positions=positions), prepared, create_graph=True).forces
-
-    pos = batch.positions.clone().requires_grad_(True)
-    cell = batch.cell.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(energy, (pos, cell), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradcheck(forces, (pos,), eps=1e-6, atol=1e-4)
+    assert_energy_forces_gradcheck(SevenNetModel(model.net, dtype=torch.float64))  # float64 copy
 
 
 def test_unsupported_element(model):
