@@ -106,6 +106,25 @@ def test_structure_plus_forces_objective_lowers_validation_dq(sw_pairs, tmp_path
     assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
 
 
+def test_start_relaxed_begins_training_relaxations_at_the_reference_structure(sw_pairs, tmp_path):
+    pairs = sw_pairs[:2]
+    stats = {}
+    for start in ("initial", "relaxed"):
+        stats[start] = EpochStats()
+        trainer = Trainer(TrainConfig(**SW, start=start), pairs, [], tmp_path / start, progress=False)
+        trainer._structure_loss(pairs, stats[start])
+    # from the DFT minimum the model only slides into its own nearby minimum: fewer steps for every structure
+    assert all(r < i for r, i in zip(stats["relaxed"].steps, stats["initial"].steps))
+    with pytest.raises(ValueError, match="start"):
+        TrainConfig(**SW, start="middle")
+
+
+def test_start_relaxed_lowers_validation_dq_from_initial_structures(sw_pairs, tmp_path):
+    cfg = TrainConfig(**SW, start="relaxed", epochs=3)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
+
+
 def test_early_stopping(sw_pairs, tmp_path):
     cfg = TrainConfig(**{**SW, "lr": 1e-9}, grad="implicit", epochs=6, patience=1, min_delta=1e-3)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)

@@ -71,6 +71,8 @@ def finetune_command(
     optimizer: str = typer.Option("fire", "--optimizer", help="Relaxation optimizer: fire | gd."),
     grad: str = typer.Option("implicit", "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
     learn_step: bool = typer.Option(False, "--learn-step", help="Also train the relaxation step size."),
+    start: str = typer.Option("initial", "--start", help="Training relaxations start at the initial structure "
+                              "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
     objective: str = typer.Option("structure", "--objective",
                                   help="structure (Dq) | forces (baseline) | structure+forces (Dq + DFT frames)."),
     forces_mix: float = typer.Option(100.0, "--forces-mix", help="structure+forces: weight of the DFT-frame "
@@ -122,7 +124,7 @@ def finetune_command(
             hybrid_head=hybrid_head,
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
-            seed=seed, dtype=dtype, forces_mix=forces_mix,
+            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None

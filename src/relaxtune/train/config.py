@@ -9,6 +9,7 @@ from typing import Any
 OBJECTIVES = ("structure", "forces", "structure+forces")
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
+STARTS = ("initial", "relaxed")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class TrainConfig:
 
     Relaxation used in training: ``optimizer`` ("fire" | "gd") for at most ``steps`` steps to ``fmax``;
     ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
+    ``start``: where training relaxations begin: "initial" (the reference method: the initial structure, so the
+    loss sees which basin the model reaches) or "relaxed" (the DFT-relaxed structure: the model relaxes to its
+    own nearby minimum and the loss is how far that lies from DFT's, whatever path DFT took to get there).
     ``truncate_steps`` (truncated), ``checkpoint_every`` (checkpoint blocks; 1 is the memory-saving choice:
     longer blocks are recomputed step by step inside the forward, measured slower and larger), ``hybrid_steps``
     and ``hybrid_head`` (the unrolled head of hybrid: "checkpoint" per step, same gradient as "full", less
@@ -50,6 +54,7 @@ class TrainConfig:
     cg_max_iter: int = 100
     damping: float = 1e-3
     learn_step: bool = False
+    start: str = "initial"
     step_lr: float = 1e-2
     # optimisation
     epochs: int = 6
@@ -89,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"grad: {self.grad!r} is not one of {', '.join(GRAD_MODES[1:])}")
         if self.optimizer not in ("fire", "gd"):
             raise ValueError(f"optimizer: {self.optimizer!r} is not fire or gd")
+        if self.start not in STARTS:
+            raise ValueError(f"start: {self.start!r} is not one of {', '.join(STARTS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.hybrid_head not in ("full", "checkpoint"):

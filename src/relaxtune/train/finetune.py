@@ -240,7 +240,8 @@ class Trainer:
         from relaxtune.relax.implicit import relax_for_training
 
         c = self.config
-        batch = Batch.from_atoms([p.initial for p in pairs], dtype=self.dtype, device=self.device)
+        starts = [p.final if c.start == "relaxed" else p.initial for p in pairs]
+        batch = Batch.from_atoms(starts, dtype=self.dtype, device=self.device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype,
                                  device=self.device)
         out = relax_for_training(
