@@ -37,6 +37,20 @@ def test_evaluate_with_the_reference_model_gives_near_zero_distance():
     assert abs(ev.rows[0]["energy_error_per_atom"]) < 1e-8
 
 
+def test_start_relaxed_measures_the_offset_of_the_models_own_minimum():
+    pairs = make_sw_pairs(2)
+    truth = evaluate(StillingerWeber(**TRUTH), pairs, fmax=1e-4, start="relaxed")
+    assert truth.metrics["start"] == "relaxed" and truth.metrics["dq_mean"] < 1e-4  # already at its minimum
+    assert all(r["steps"] <= 1 for r in truth.rows)
+    model = StillingerWeber()
+    from_relaxed = evaluate(model, pairs, fmax=1e-4, start="relaxed")
+    from_initial = evaluate(model, pairs, fmax=1e-4)
+    assert from_relaxed.metrics["dq_mean"] > 0.05  # the untuned model's minimum lies elsewhere
+    assert all(r["steps"] < i["steps"] for r, i in zip(from_relaxed.rows, from_initial.rows))
+    with pytest.raises(ValueError, match="start"):
+        evaluate(model, pairs, start="halfway")
+
+
 def test_summarize_counts_blowups_as_failures():
     rows = [
         {"dq": 1.0, "rmsd": 0.1, "max_disp": 0.05, "basin_match": True, "steps": 10, "converged": True},

@@ -6,6 +6,10 @@ together in batches (``batch_size``). Metrics: Dq mean/median, RMSD and max disp
 basin match rate (max displacement < 0.1 Å), converged rate, steps; per-structure rows add the relaxed-energy
 error where the dataset has a DFT energy (model and DFT total energies; their difference includes any constant
 reference offset between the two, so compare errors between models, not to zero).
+
+``start="relaxed"`` relaxes from the DFT-relaxed structure instead: the model slides into its own nearest
+minimum, and Dq then measures how far that minimum lies from DFT's, free of which path or basin a relaxation
+from the initial structure happens to take (a diagnostic of the potential, not of the relaxation).
 """
 
 from __future__ import annotations
@@ -89,9 +93,14 @@ def evaluate(
     batch_size: int = 4,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    start: str = "initial",
 ) -> Evaluation:
-    """Relax each pair's initial structure with ``model`` (no graph) and compare with its final structure."""
+    """Relax each pair's initial (or, ``start="relaxed"``, final) structure with ``model`` (no graph) and
+    compare with its final structure."""
     from relaxtune.relax import RelaxConfig, relax
+
+    if start not in ("initial", "relaxed"):
+        raise ValueError(f"start: {start!r} is not initial or relaxed")
 
     dtype = dtype or model_dtype(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -104,7 +113,8 @@ def evaluate(
 
         bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False)
     for chunk in chunks:
-        batch = Batch.from_atoms([p.initial for p in chunk], dtype=dtype, device=device)
+        batch = Batch.from_atoms([p.final if start == "relaxed" else p.initial for p in chunk], dtype=dtype,
+                                 device=device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():
@@ -144,5 +154,5 @@ def evaluate(
     if bar is not None:
         bar.close()
     metrics = summarize(rows)
-    metrics.update({"fmax": fmax, "optimizer": optimizer, "max_steps": max_steps})
+    metrics.update({"fmax": fmax, "optimizer": optimizer, "max_steps": max_steps, "start": start})
     return Evaluation(metrics=metrics, rows=rows)

@@ -31,6 +31,8 @@ def evaluate_command(
     optimizer: str = typer.Option("fire", "--optimizer", help="fire | gd."),
     max_steps: int = typer.Option(500, "--max-steps", help="Relaxation step cap."),
     batch_size: int = typer.Option(4, "--batch-size", help="Structures relaxed together."),
+    start: str = typer.Option("initial", "--start", help="Relax from the initial structures, or from the "
+                              "DFT-relaxed ones (how far the model's own minimum lies): initial | relaxed."),
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
@@ -71,12 +73,14 @@ def evaluate_command(
             net = net.to(ctx.device)
             result = distributed.evaluate_distributed(net, pairs, ctx, fmax=fmax, optimizer=optimizer,
                                                       max_steps=max_steps, batch_size=batch_size, dtype=dtype,
-                                                      progress=progress)
+                                                      progress=progress, start=start)
         else:
             result = evaluate(net, pairs, fmax=fmax, optimizer=optimizer, max_steps=max_steps,
-                              batch_size=batch_size, dtype=dtype, progress=progress)
+                              batch_size=batch_size, dtype=dtype, progress=progress, start=start)
     except UnsupportedElementError as exc:
         raise UserInputError(f"{data}: {exc}") from None
+    except ValueError as exc:
+        raise UserInputError(f"--start {start}: {exc}") from None
     distributed.shutdown(ctx)
     if not ctx.is_main:
         return
