@@ -125,6 +125,16 @@ def test_start_relaxed_lowers_validation_dq_from_initial_structures(sw_pairs, tm
     assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
 
 
+def test_val_start_relaxed_validates_the_offset_of_the_models_minimum(sw_pairs, tmp_path):
+    from relaxtune.evaluate import evaluate
+
+    cfg = TrainConfig(**SW, val_start="relaxed", epochs=1)
+    s = finetune(cfg, sw_pairs[:2], sw_pairs[4:], tmp_path, progress=False)
+    expected = evaluate(StillingerWeber(), sw_pairs[4:], fmax=cfg.eval_fmax, start="relaxed")
+    assert s["val_before"]["dq_mean"] == pytest.approx(expected.metrics["dq_mean"], rel=1e-9)
+    assert s["config"]["val_start"] == "relaxed"
+
+
 def test_early_stopping(sw_pairs, tmp_path):
     cfg = TrainConfig(**{**SW, "lr": 1e-9}, grad="implicit", epochs=6, patience=1, min_delta=1e-3)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)

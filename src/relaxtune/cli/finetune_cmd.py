@@ -89,6 +89,8 @@ def finetune_command(
     checkpoint_every: int = typer.Option(1, "--checkpoint-every", help="Block length of --grad checkpoint."),
     hybrid_steps: int = typer.Option(10, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
     hybrid_head: str = typer.Option("checkpoint", "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
+    val_start: str = typer.Option("initial", "--val-start", help="Validation relaxations start at the initial "
+                                  "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed."),
     patience: int = typer.Option(0, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clipping per group (0 = off)."),
@@ -124,7 +126,7 @@ def finetune_command(
             hybrid_head=hybrid_head,
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
-            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start,
+            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start, val_start=val_start,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None

@@ -29,7 +29,9 @@ class TrainConfig:
     Optimisation: AdamW (``lr``, ``weight_decay``), linear warmup over ``warmup_frac`` of the optimizer steps
     then cosine decay to ``lr * min_lr_ratio``, gradient-norm clipping at ``grad_clip`` (0 = off),
     ``train_params`` = all | readout | freeze-embeddings | comma-separated parameter-name fragments.
-    Validation: Dq each epoch with FIRE to ``eval_fmax``; stop after ``patience`` epochs without improvement
+    Validation: Dq each epoch with FIRE to ``eval_fmax``, from the initial structures or (``val_start="relaxed"``)
+    from the DFT-relaxed ones: the offset of the model's own minimum, which does not jump when a floppy
+    structure (a self-interstitial) lands in a neighbouring configuration, so best.pt follows the potential; stop after ``patience`` epochs without improvement
     of at least ``min_delta`` (0 = never stop early).
     ``objective="forces"``: the conventional baseline, MSE of forces and of relative energies
     (E_frame - E_last frame, per atom) on every DFT trajectory frame of the same training structures,
@@ -78,6 +80,7 @@ class TrainConfig:
     eval_fmax: float = 0.02
     eval_max_steps: int = 500
     eval_optimizer: str = "fire"
+    val_start: str = "initial"
     patience: int = 0
     min_delta: float = 0.0
     # misc
@@ -94,8 +97,9 @@ class TrainConfig:
             raise ValueError(f"grad: {self.grad!r} is not one of {', '.join(GRAD_MODES[1:])}")
         if self.optimizer not in ("fire", "gd"):
             raise ValueError(f"optimizer: {self.optimizer!r} is not fire or gd")
-        if self.start not in STARTS:
-            raise ValueError(f"start: {self.start!r} is not one of {', '.join(STARTS)}")
+        for name in ("start", "val_start"):
+            if getattr(self, name) not in STARTS:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(STARTS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.hybrid_head not in ("full", "checkpoint"):

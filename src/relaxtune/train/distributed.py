@@ -266,11 +266,8 @@ class DistributedTrainer(Trainer):
     def validate(self) -> dict[str, Any] | None:
         if not self.val:
             return None
-        c = self.config
-        result = evaluate_distributed(self.model, self.val, self.ctx, fmax=c.eval_fmax,
-                                      optimizer=c.eval_optimizer, max_steps=c.eval_max_steps,
-                                      batch_size=c.batch_size, dtype=self.dtype)
-        return result.metrics
+        result = evaluate_distributed(self.model, self.val, self.ctx, **self._eval_kwargs())
+        return {**result.metrics, "dq_by_structure": {r["name"]: r["dq"] for r in result.rows}}
 
     # -------------------------------------------------------------- epoch statistics
     def _record(self, epoch: int, stats: EpochStats | None, val: dict | None, seconds: float) -> dict[str, Any]:

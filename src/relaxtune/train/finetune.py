@@ -368,14 +368,17 @@ class Trainer:
         stats.n += n_ok
 
     # ------------------------------------------------------------------ validation, checkpoints
+    def _eval_kwargs(self) -> dict[str, Any]:
+        c = self.config
+        return dict(fmax=c.eval_fmax, optimizer=c.eval_optimizer, max_steps=c.eval_max_steps,
+                    batch_size=c.batch_size, dtype=self.dtype, start=c.val_start)
+
     def validate(self) -> dict[str, Any] | None:
         if not self.val:
             return None
         from relaxtune.evaluate import evaluate
 
-        c = self.config
-        result = evaluate(self.model, self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer,
-                          max_steps=c.eval_max_steps, batch_size=c.batch_size, dtype=self.dtype)
+        result = evaluate(self.model, self.val, **self._eval_kwargs())
         metrics = dict(result.metrics)
         metrics["dq_by_structure"] = {r["name"]: r["dq"] for r in result.rows}
         return metrics
