@@ -295,7 +295,7 @@ def _col(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def plot_curves(metrics: list[dict], objective: str, path: Path) -> Path | None:
+def plot_curves(metrics: list[dict], objective: str, path: Path, val_start: str = "initial") -> Path | None:
     """Validation Dq per epoch (epoch 0 = pretrained) and the training loss per epoch."""
     plt = _plt()
     vx, vy = _col(metrics, "val_dq_mean")
@@ -305,7 +305,8 @@ def plot_curves(metrics: list[dict], objective: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
     ax = axes[0]
     if vx:
-        ax.plot(vx, vy, "o-", color="C1", label="validation Dq (relaxed to fmax)")
+        start = "initial" if val_start == "initial" else "DFT-relaxed"
+        ax.plot(vx, vy, "o-", color="C1", label=f"validation Dq (from the {start} structures)")
         ax.axhline(vy[0], color="gray", ls=":", lw=1, label="pretrained (epoch 0)")
         ax.legend(fontsize=8)
     else:
@@ -691,7 +692,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data: st
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = run.config
     plots: dict[str, Path | None] = {}
-    plots["curves"] = plot_curves(run.metrics, cfg.get("objective", "structure"), out_dir / "curves.png") \
+    plots["curves"] = plot_curves(run.metrics, cfg.get("objective", "structure"), out_dir / "curves.png",
+                                  cfg.get("val_start", "initial")) \
         if run.metrics else None
 
     cmp = None

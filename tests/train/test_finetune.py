@@ -13,7 +13,7 @@ from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import EpochStats, Trainer, finetune, lr_factor, select_trainable
 
 SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
-          eval_fmax=1e-3)
+          eval_fmax=1e-3, objective="structure", val_start="initial")  # the reference method, Dq from initial
 
 
 def _weights(path):
@@ -82,7 +82,7 @@ def test_blown_up_relaxations_are_skipped_and_counted(sw_pairs, tmp_path):
 
 
 def test_forces_objective_baseline_runs_and_lowers_force_error(sw_pairs, tmp_path):
-    cfg = TrainConfig(**SW, objective="forces", epochs=3)
+    cfg = TrainConfig(**{**SW, "objective": "forces"}, epochs=3)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
     assert s["parameter_movement"]["model"]["relative"] > 0
@@ -90,7 +90,7 @@ def test_forces_objective_baseline_runs_and_lowers_force_error(sw_pairs, tmp_pat
 
 def test_structure_plus_forces_adds_each_structures_mean_frame_loss(sw_pairs, tmp_path):
     pairs = sw_pairs[:2]
-    cfg = TrainConfig(**SW, objective="structure+forces", forces_mix=7.0)
+    cfg = TrainConfig(**{**SW, "objective": "structure+forces"}, forces_mix=7.0)
     trainer = Trainer(cfg, pairs, [], tmp_path, progress=False)
     combined, n_ok, blew = trainer._combined_loss(pairs, EpochStats())
     structure, _, _ = trainer._structure_loss(pairs, EpochStats())
@@ -100,7 +100,7 @@ def test_structure_plus_forces_adds_each_structures_mean_frame_loss(sw_pairs, tm
 
 
 def test_structure_plus_forces_objective_lowers_validation_dq(sw_pairs, tmp_path):
-    cfg = TrainConfig(**SW, objective="structure+forces", forces_mix=1.0, epochs=3)
+    cfg = TrainConfig(**{**SW, "objective": "structure+forces"}, forces_mix=1.0, epochs=3)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
     assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
@@ -128,7 +128,7 @@ def test_start_relaxed_lowers_validation_dq_from_initial_structures(sw_pairs, tm
 def test_val_start_relaxed_validates_the_offset_of_the_models_minimum(sw_pairs, tmp_path):
     from relaxtune.evaluate import evaluate
 
-    cfg = TrainConfig(**SW, val_start="relaxed", epochs=1)
+    cfg = TrainConfig(**{**SW, "val_start": "relaxed"}, epochs=1)
     s = finetune(cfg, sw_pairs[:2], sw_pairs[4:], tmp_path, progress=False)
     expected = evaluate(StillingerWeber(), sw_pairs[4:], fmax=cfg.eval_fmax, start="relaxed")
     assert s["val_before"]["dq_mean"] == pytest.approx(expected.metrics["dq_mean"], rel=1e-9)
@@ -171,8 +171,8 @@ def test_real_chgnet_finetune_on_two_real_dft_pairs_lowers_training_dq(tmp_path)
 
     pairs = [p for p in load_pairs("builtin:si-defects") if p.split == "train"][:2]
     assert len(pairs) == 2
-    cfg = TrainConfig(model="chgnet", grad="implicit", epochs=2, batch_size=2, lr=1e-4, steps=100, warmup_frac=0.0,
-                      schedule="constant")
+    cfg = TrainConfig(model="chgnet", objective="structure", grad="implicit", epochs=2, batch_size=2, lr=1e-4,
+                      steps=100, warmup_frac=0.0, schedule="constant")
     s = finetune(cfg, pairs, [], tmp_path, progress=False)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     first, last = float(rows[1]["train_loss"]), float(rows[2]["train_loss"])

@@ -73,7 +73,7 @@ def finetune_command(
     learn_step: bool = typer.Option(False, "--learn-step", help="Also train the relaxation step size."),
     start: str = typer.Option("initial", "--start", help="Training relaxations start at the initial structure "
                               "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
-    objective: str = typer.Option("structure", "--objective",
+    objective: str = typer.Option("structure+forces", "--objective",
                                   help="structure (Dq) | forces (baseline) | structure+forces (Dq + DFT frames)."),
     forces_mix: float = typer.Option(100.0, "--forces-mix", help="structure+forces: weight of the DFT-frame "
                                      "energy/force MSE against Dq."),
@@ -89,7 +89,7 @@ def finetune_command(
     checkpoint_every: int = typer.Option(1, "--checkpoint-every", help="Block length of --grad checkpoint."),
     hybrid_steps: int = typer.Option(10, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
     hybrid_head: str = typer.Option("checkpoint", "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
-    val_start: str = typer.Option("initial", "--val-start", help="Validation relaxations start at the initial "
+    val_start: str = typer.Option("relaxed", "--val-start", help="Validation relaxations start at the initial "
                                   "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed."),
     patience: int = typer.Option(0, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),

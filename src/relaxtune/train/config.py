@@ -14,7 +14,9 @@ STARTS = ("initial", "relaxed")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of a run. Defaults: the embedded default that lowers held-out Dq of CHGNet on Si defects.
+    """Settings of a run. Defaults: the embedded default (docs/results.md: on the shipped Si defects, Dq through
+    the relaxation plus the DFT frames' forces hurt unseen defect types least, and validation from the relaxed
+    structures keeps best.pt from following a floppy structure's jumps).
 
     Relaxation used in training: ``optimizer`` ("fire" | "gd") for at most ``steps`` steps to ``fmax``;
     ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
@@ -42,7 +44,7 @@ class TrainConfig:
     """
 
     model: str = "chgnet"
-    objective: str = "structure"
+    objective: str = "structure+forces"
     # training relaxation
     optimizer: str = "fire"
     steps: int = 150
@@ -80,7 +82,7 @@ class TrainConfig:
     eval_fmax: float = 0.02
     eval_max_steps: int = 500
     eval_optimizer: str = "fire"
-    val_start: str = "initial"
+    val_start: str = "relaxed"
     patience: int = 0
     min_delta: float = 0.0
     # misc

@@ -548,7 +548,8 @@ class Trainer:
             label = {"structure": "train Dq", "forces": "train E/F loss"}.get(self.config.objective, "train loss")
             parts.append(f"{label} {row['train_loss']:.4f}")
         if row.get("val_dq_mean") is not None:
-            parts.append(f"val Dq {row['val_dq_mean']:.4f}")
+            label = "val Dq" if self.config.val_start == "initial" else "val Dq (from relaxed)"
+            parts.append(f"{label} {row['val_dq_mean']:.4f}")
         if row.get("skipped_structures"):
             parts.append(f"skipped {row['skipped_structures']}")
         if row.get("is_best"):
