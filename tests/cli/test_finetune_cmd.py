@@ -45,6 +45,16 @@ def test_finetune_writes_outputs_and_uses_the_dataset_split(monkeypatch, capsys,
     assert ck["model_spec"] == "sw" and ck["config"]["grad"] == "implicit"
 
 
+def test_finetune_says_when_best_is_the_pretrained_model(monkeypatch, capsys, dataset, tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != "0.003" else "1e-12" for a in SW_ARGS]  # a learning rate too small to change anything
+    code, stdout, stderr = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *args, "--epochs", "1",
+                               "--objective", "structure")
+    assert code == 0, stderr
+    assert json.loads(stdout)["best_epoch"] == 0
+    assert "best.pt is the pretrained model" in stderr
+
+
 def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, dataset, tmp_path):
     out = tmp_path / "run"
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1",

@@ -147,6 +147,9 @@ def finetune_command(
     if not ctx.is_main:
         return
     before, after = summary["val_before"], summary["val_after"]
+    if summary["best_epoch"] == 0 and val_pairs:
+        typer.echo("no epoch lowered validation Dq below the pretrained model's: best.pt is the pretrained model "
+                   "(last.pt holds the last epoch)", err=True)
     typer.echo(json.dumps({
         "out": str(out), "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
         "val_dq_before": before.get("dq_mean"), "val_dq_after": after.get("dq_mean"),
