@@ -315,7 +315,9 @@ class Trainer:
         if not n_ok:
             return loss_sum, n_ok, blew
         chunks = self._frame_chunks(kept)
-        per_structure = [len(_frames(p)) for p in kept]
+        per_structure = [0] * len(kept)  # frames of each structure
+        for k, _, frames in chunks:
+            per_structure[k] += len(frames)
         mix = self.config.forces_mix
         for k, ref, frames in chunks:
             loss = self._frame_terms(ref, frames).sum() / per_structure[k]
