@@ -491,7 +491,8 @@ def build_markdown(run: RunInfo, cmp: dict | None, plots: dict[str, Path | None]
         lines += ["**Missing or unreadable pieces:**", ""] + [f"- {n}" for n in run.notes] + [""]
 
     # headline (from summary.json)
-    lines += ["## Summary (validation, from summary.json)", ""]
+    start = "initial" if cfg.get("val_start", "initial") == "initial" else "DFT-relaxed"
+    lines += [f"## Summary (validation from the {start} structures, from summary.json)", ""]
     if s:
         vb, va = s.get("val_before") or {}, s.get("val_after") or {}
         rows = [[k, vb.get(k), va.get(k)] for k in ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean",

@@ -32,9 +32,10 @@ class TrainConfig:
     then cosine decay to ``lr * min_lr_ratio``, gradient-norm clipping at ``grad_clip`` (0 = off),
     ``train_params`` = all | readout | freeze-embeddings | comma-separated parameter-name fragments.
     Validation: Dq each epoch with FIRE to ``eval_fmax``, from the initial structures or (``val_start="relaxed"``)
-    from the DFT-relaxed ones: the offset of the model's own minimum, which does not jump when a floppy
-    structure (a self-interstitial) lands in a neighbouring configuration, so best.pt follows the potential; stop after ``patience`` epochs without improvement
-    of at least ``min_delta`` (0 = never stop early).
+    from the DFT-relaxed ones: the offset of the model's own minimum, less exposed than Dq from the initial
+    structures to a floppy structure (a self-interstitial) taking a neighbouring configuration on the way, so
+    best.pt follows the potential; stop after ``patience`` epochs without improvement of at least
+    ``min_delta`` (0 = never stop early).
     ``objective="forces"``: the conventional baseline, MSE of forces and of relative energies
     (E_frame - E_last frame, per atom) on every DFT trajectory frame of the same training structures,
     ``force_weight`` / ``energy_weight``; each optimizer step sees all frames of ``batch_size`` structures, so
