@@ -169,8 +169,10 @@ def test_lr_schedule_warmup_then_cosine():
 def test_real_chgnet_finetune_on_two_real_dft_pairs_lowers_training_dq(tmp_path):
     from relaxtune.data import load_pairs
 
-    pairs = [p for p in load_pairs("builtin:si-defects") if p.split == "train"][:2]
-    assert len(pairs) == 2
+    # two stable training-split relaxations from the seed set (always shipped); a structure that the model relaxes
+    # into another configuration (int_B_1) would make "training Dq falls in 2 epochs" a coin toss
+    pairs = [p for p in load_pairs("builtin:si-defects") if p.name in ("vacancy_1", "sub_B_1")]
+    assert len(pairs) == 2 and all(p.split == "train" for p in pairs)
     cfg = TrainConfig(model="chgnet", objective="structure", grad="implicit", epochs=2, batch_size=2, lr=1e-4,
                       steps=100, warmup_frac=0.0, schedule="constant")
     s = finetune(cfg, pairs, [], tmp_path, progress=False)
