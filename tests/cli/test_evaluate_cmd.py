@@ -57,6 +57,7 @@ def test_evaluate_split_and_checkpoint_model(monkeypatch, capsys, dataset, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--model", "nonsense"], "--model nonsense"),
     (["--model", "sw", "--split", "holdout"], "--split holdout"),
+    (["--model", "sw", "--start", "halfway"], "--start halfway: not initial or relaxed"),
 ])
 def test_evaluate_user_errors(monkeypatch, capsys, dataset, args, message):
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, *args, "--no-progress")

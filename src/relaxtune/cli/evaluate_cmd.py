@@ -47,6 +47,8 @@ def evaluate_command(
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
 
+    if start not in ("initial", "relaxed"):
+        raise UserInputError(f"--start {start}: not initial or relaxed")
     if threads:
         torch.set_num_threads(threads)
     try:  # under torchrun: the structures are spread over the ranks, rank 0 prints and writes
@@ -79,8 +81,6 @@ def evaluate_command(
                               batch_size=batch_size, dtype=dtype, progress=progress, start=start)
     except UnsupportedElementError as exc:
         raise UserInputError(f"{data}: {exc}") from None
-    except ValueError as exc:
-        raise UserInputError(f"--start {start}: {exc}") from None
     distributed.shutdown(ctx)
     if not ctx.is_main:
         return
