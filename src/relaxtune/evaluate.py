@@ -27,6 +27,15 @@ from relaxtune.train import losses
 
 #: max per-atom displacement (Å) below which the model found the DFT basin.
 BASIN_TOLERANCE = 0.1
+#: where a relaxation of a pair begins: its initial structure or its DFT-relaxed (final) one.
+STARTS = ("initial", "relaxed")
+
+
+def start_structures(pairs: Sequence, start: str) -> list:
+    """The structure each pair's relaxation begins from (``start`` in :data:`STARTS`)."""
+    if start not in STARTS:
+        raise ValueError(f"start: {start!r} is not initial or relaxed")
+    return [p.final if start == "relaxed" else p.initial for p in pairs]
 
 
 @dataclass
@@ -99,8 +108,7 @@ def evaluate(
     compare with its final structure."""
     from relaxtune.relax import RelaxConfig, relax
 
-    if start not in ("initial", "relaxed"):
-        raise ValueError(f"start: {start!r} is not initial or relaxed")
+    start_structures([], start)  # reject a bad start before any work
 
     dtype = dtype or model_dtype(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -113,8 +121,7 @@ def evaluate(
 
         bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False)
     for chunk in chunks:
-        batch = Batch.from_atoms([p.final if start == "relaxed" else p.initial for p in chunk], dtype=dtype,
-                                 device=device)
+        batch = Batch.from_atoms(start_structures(chunk, start), dtype=dtype, device=device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():

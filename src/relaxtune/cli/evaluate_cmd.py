@@ -42,12 +42,12 @@ def evaluate_command(
     import torch
 
     from relaxtune.data import DataError, load_pairs
-    from relaxtune.evaluate import evaluate
+    from relaxtune.evaluate import STARTS, evaluate
     from relaxtune.potentials import load_model
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
 
-    if start not in ("initial", "relaxed"):
+    if start not in STARTS:
         raise UserInputError(f"--start {start}: not initial or relaxed")
     if threads:
         torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ from typing import Any
 OBJECTIVES = ("structure", "forces", "structure+forces")
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
-STARTS = ("initial", "relaxed")
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,7 @@ class TrainConfig:
     max_force: float = 1e3
 
     def __post_init__(self) -> None:
+        from relaxtune.evaluate import STARTS
         from relaxtune.relax.implicit import GRAD_MODES
 
         if self.objective not in OBJECTIVES:

@@ -240,8 +240,9 @@ class Trainer:
         from relaxtune.relax.implicit import relax_for_training
 
         c = self.config
-        starts = [p.final if c.start == "relaxed" else p.initial for p in pairs]
-        batch = Batch.from_atoms(starts, dtype=self.dtype, device=self.device)
+        from relaxtune.evaluate import start_structures
+
+        batch = Batch.from_atoms(start_structures(pairs, c.start), dtype=self.dtype, device=self.device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype,
                                  device=self.device)
         out = relax_for_training(
