@@ -16,7 +16,7 @@ from relaxtune.data.info import datasheet, dataset_info, write_datasheet
 TEAM_SPLIT = {  # TEAM.md: si-defects split by defect type
     "train": ["vacancy", "sub_B", "int_T", "int_split110", "sub_Al", "sub_C", "sub_N", "int_B", "P_V"],
     "val": ["sub_P", "int_H"],
-    "test": ["sub_As", "sub_Ge", "int_P", "As_V"],
+    "test": ["sub_As", "sub_Ge", "int_P", "As_V", "sub_Ga", "sub_Sb"],
 }
 
 

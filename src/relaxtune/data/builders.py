@@ -15,7 +15,7 @@ SI_A_PBE = 5.469  # Å, PBE lattice constant of Si (the reference level in DESIG
 #: every Si defect type, in the order they are generated.
 SI_DEFECT_TYPES = (
     "vacancy", "sub_B", "sub_P", "int_T", "int_H", "int_split110", "sub_Al", "sub_As", "sub_C", "sub_Ge",
-    "sub_N", "int_B", "int_P", "P_V", "As_V",
+    "sub_N", "int_B", "int_P", "P_V", "As_V", "sub_Ga", "sub_Sb",
 )
 
 

@@ -74,8 +74,8 @@ DATASETS: dict[str, BuiltinDataset] = {
     "si-defects": BuiltinDataset(
         name="si-defects", folder="si-defects",
         description="Si point defects in a 64-site cell: initial (rattled) and DFT-relaxed structures, fixed cell.",
-        structures=("15 defect types (vacancy; Si self-interstitials T, H, <110> split; substitutional B, Al, P, "
-                    "As, C, Ge, N; interstitial B, P; P-V and As-V pairs) in the 2x2x2 conventional diamond cell "
+        structures=("17 defect types (vacancy; Si self-interstitials T, H, <110> split; substitutional B, Al, Ga, P, "
+                    "As, Sb, C, Ge, N; interstitial B, P; P-V and As-V pairs) in the 2x2x2 conventional diamond cell "
                     "(64 sites) at a = 5.469 Å, defect at the origin site, positions rattled by a normal "
                     "distribution of 0.05 Å (numpy default_rng(seed), seeds 1, 2, 3): "
                     "relaxtune.data.builders.build_si_defects()"),
@@ -90,7 +90,7 @@ DATASETS: dict[str, BuiltinDataset] = {
     "si-defects-mini": BuiltinDataset(
         name="si-defects-mini", folder="si-defects",
         description=("View of si-defects: one rattle (seed 1) per defect type, same split by defect type "
-                     "(9 train, 2 val, 4 test structures when complete). Small enough to fine-tune CHGNet in a few "
+                     "(9 train, 2 val, 6 test structures when complete). Small enough to fine-tune CHGNet in a few "
                      "minutes on 2 CPU cores: one epoch of 10-step unrolls costs about 9 x 4.4 s (DESIGN.md)."),
         structures="the seed-1 structures of si-defects (no files of its own)",
         settings="as si-defects",
