@@ -82,8 +82,9 @@ def fake_builtin(tmp_path, monkeypatch):
 
 def test_datasheet_follows_the_files(fake_builtin):
     src, dst = fake_builtin
+    planned = 3 * len(SI_DEFECT_TYPES)  # three rattle seeds per type
     sheet = datasheet("builtin:si-defects")
-    assert "- 2 of 45 planned relaxations present (2 converged to the target fmax), 0 failed, 43 pending." in sheet
+    assert f"- 2 of {planned} planned relaxations present (2 converged to the target fmax), 0 failed, {planned - 2} pending." in sheet
     assert "| sub_B | train | 1 | 1 | 64 |" in sheet and "| vacancy | train | 1 | 1 | 63 |" in sheet
     assert "plane waves 300 eV" in sheet and "fmax 0.02" in sheet  # the reference level of theory
     assert "relaxtune data build si-defects" in sheet  # how to regenerate
@@ -92,16 +93,17 @@ def test_datasheet_follows_the_files(fake_builtin):
     path = write_datasheet("si-defects")
     sheet = path.read_text()
     assert path == dst / "DATASHEET.md"
-    assert "- 3 of 45 planned relaxations present (3 converged to the target fmax), 1 failed, 41 pending." in sheet
+    assert f"- 3 of {planned} planned relaxations present (3 converged to the target fmax), 1 failed, {planned - 4} pending." in sheet
     assert "| val | sub_P, int_H | 1 | 1 |" in sheet and "`int_T_1`: SCF did not converge" in sheet
-    assert "3 structures present (of 15 planned): train 2, val 1, test 0." in sheet  # the mini view
+    assert f"3 structures present (of {len(SI_DEFECT_TYPES)} planned): train 2, val 1, test 0." in sheet  # mini view
 
 
 def test_info_of_builtin(fake_builtin):
     info = dataset_info("builtin:si-defects")
     assert info["n_structures"] == 2 and info["n_converged"] == 2 and info["species"] == ["B", "Si"]
     assert info["splits"]["train"]["n_structures"] == 2 and info["splits"]["test"]["n_structures"] == 0
-    assert info["n_planned"] == 45 and info["n_pending"] == 43 and info["n_failed"] == 0
+    planned = 3 * len(SI_DEFECT_TYPES)
+    assert info["n_planned"] == planned and info["n_pending"] == planned - 2 and info["n_failed"] == 0
 
 
 def test_shipped_datasheets_exist():
