@@ -47,6 +47,13 @@ def test_evaluate_split_and_checkpoint_model(monkeypatch, capsys, dataset, tmp_p
     code, stdout, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", ck, "--split", "test",
                             "--fmax", "0.0001", "--no-progress")
     assert code == 0, err
+    assert "warning" not in err  # an old checkpoint without train_species: nothing to compare with
+    atomic_save({"format": FORMAT, "version": VERSION, "model_spec": "sw", "dtype": "float64",
+                 "state_dict": truth.state_dict(), "step_params": None, "config": {}, "train_species": ["C"]},
+                tmp_path / "c.pt")
+    code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", tmp_path / "c.pt", "--split", "test",
+                       "--no-progress")
+    assert code == 0 and "warning: Si not in the fine-tuning data of" in err and "(trained on C)" in err
     m = json.loads(stdout)
     assert m["n"] == 1 and m["dq_mean"] < 1e-3  # the reference potential reproduces its own relaxation
     code, stdout, _ = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--split", "test",

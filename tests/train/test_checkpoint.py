@@ -28,6 +28,13 @@ def test_checkpoint_roundtrip_gives_the_trained_model_everywhere(sw_pairs, tmp_p
     assert sp is not None and sp.step_size.item() > 0
     # fine-tuning a checkpoint stores the base model, not the path
     assert ckpt.base_model_spec(str(tmp_path / "best.pt")) == "sw"
+    # ... and the elements it was trained on, to warn about structures with others
+    assert model.train_species == ["Si"] and ckpt.unseen_species(model, [sw_pairs[0].initial]) is None
+    other = sw_pairs[0].initial.copy()
+    other.symbols[0] = "Ge"
+    warning = ckpt.unseen_species(model, [sw_pairs[0].initial, other])
+    assert warning.startswith("warning: Ge not in the fine-tuning data of") and "trained on Si" in warning
+    assert ckpt.unseen_species(load_model("sw"), [other]) is None  # a pretrained model: nothing to say
 
 
 def test_checkpoint_as_ase_calculator(sw_pairs, tmp_path):

@@ -46,6 +46,7 @@ def evaluate_command(
     from relaxtune.potentials import load_model
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
+    from relaxtune.train.checkpoint import unseen_species
 
     if start not in STARTS:
         raise UserInputError(f"--start {start}: not initial or relaxed")
@@ -70,6 +71,9 @@ def evaluate_command(
         net = load_model(model, dtype=dtype)
     except (ValueError, FileNotFoundError) as exc:
         raise UserInputError(f"--model {model}: {' '.join(str(exc).split())}") from None
+    warning = unseen_species(net, [p.initial for p in pairs])
+    if warning and ctx.is_main:
+        typer.echo(warning, err=True)
     try:
         if ctx.active or ctx.device.type != "cpu":
             net = net.to(ctx.device)

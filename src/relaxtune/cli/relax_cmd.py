@@ -111,6 +111,7 @@ def relax_cmd(
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.relax import RelaxConfig, relax
     from relaxtune.state import Batch
+    from relaxtune.train.checkpoint import unseen_species
 
     if optimizer not in ("fire", "gd"):
         raise UserInputError(f"--optimizer: must be fire or gd, got {optimizer!r}")
@@ -120,6 +121,9 @@ def relax_cmd(
         torch.set_num_threads(threads)
     frames = read_structures(input, index)
     net, dtype = _load(model, device)
+    warning = unseen_species(net, frames)
+    if warning:
+        typer.echo(warning, err=True)
     kwargs = dict(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=cell, pressure=pressure * GPa)
     if step_size is not None:
         kwargs["step_size" if optimizer == "gd" else "dt"] = step_size

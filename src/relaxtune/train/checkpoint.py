@@ -8,6 +8,7 @@ dicts; no pickled classes), so loading a file never runs code from it:
     model_name, dtype ("float32" | "float64"), state_dict (the model's weights),
     step_params: the relaxation parameters' state_dict or None, step_params_kwargs (their constructor
     arguments), config: the TrainConfig as a dict, epoch, metrics (validation Dq of this state),
+    train_species: the elements of the training structures (what :func:`unseen_species` checks against),
     trainer: (last.pt only) optimizer, scheduler, RNG states, history, early-stopping state — what
     ``resume`` needs to continue a killed run to the same result.
 
@@ -107,7 +108,25 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
         raise ValueError(f"{path}: weights do not fit model {data['model_spec']!r}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     model.checkpoint_path = str(path)
+    model.train_species = [str(s) for s in data.get("train_species") or []]
     return model
+
+
+def unseen_species(model, structures) -> str | None:
+    """One line of warning when ``structures`` hold elements that the fine-tuning data of ``model`` (a loaded
+    checkpoint) did not, else None. Fine-tuning corrects errors of the elements it saw and moves the others
+    only through shared weights, in whatever direction those elements needed (docs/results.md): a structure
+    with an unseen element gets no better than the base model, sometimes worse."""
+    trained = getattr(model, "train_species", None)
+    if not trained:
+        return None
+    present = sorted({s for atoms in structures for s in atoms.get_chemical_symbols()})
+    missing = [s for s in present if s not in trained]
+    if not missing:
+        return None
+    return (f"warning: {', '.join(missing)} not in the fine-tuning data of {model.checkpoint_path} (trained on "
+            f"{', '.join(trained)}): structures with {'it' if len(missing) == 1 else 'them'} get the base model's "
+            f"accuracy at best")
 
 
 def load_checkpoint_step_params(path: str | Path):

@@ -399,6 +399,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "metrics": _jsonable(metrics) if metrics else {},
+            "train_species": sorted({s for p in self.train for s in p.initial.get_chemical_symbols()}),
         }
         if with_trainer:
             data["trainer"] = {
