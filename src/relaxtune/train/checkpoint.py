@@ -115,8 +115,8 @@ def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
 def unseen_species(model, structures) -> str | None:
     """One line of warning when ``structures`` hold elements that the fine-tuning data of ``model`` (a loaded
     checkpoint) did not, else None. Fine-tuning corrects errors of the elements it saw and moves the others
-    only through shared weights, in whatever direction those elements needed (docs/results.md): a structure
-    with an unseen element gets no better than the base model, sometimes worse."""
+    only through shared weights, in whatever direction the seen elements needed: on the shipped Si defects
+    that helped Ga (its error has the sign of B's and Al's) and hurt As (opposite sign) (docs/results.md)."""
     trained = getattr(model, "train_species", None)
     if not trained:
         return None
@@ -125,8 +125,8 @@ def unseen_species(model, structures) -> str | None:
     if not missing:
         return None
     return (f"warning: {', '.join(missing)} not in the fine-tuning data of {model.checkpoint_path} (trained on "
-            f"{', '.join(trained)}): structures with {'it' if len(missing) == 1 else 'them'} get the base model's "
-            f"accuracy at best")
+            f"{', '.join(trained)}): for structures with {'it' if len(missing) == 1 else 'them'} the fine-tuned "
+            f"model can be better or worse than the base model")
 
 
 def load_checkpoint_step_params(path: str | Path):
