@@ -1,9 +1,10 @@
-"""Tables A-C of docs/results.md (2026-11-30 evening) from the evaluation JSONs in gen/ev."""
+"""Tables A-C of docs/results.md (2026-11-30 evening) from the evaluation JSONs in eval/ next to this file."""
 import json, math, statistics as st
-E = __import__("os").path.join(__import__("os").path.dirname(__file__), "eval/")
+from pathlib import Path
+EVAL = Path(__file__).resolve().parent / "eval"
 def rows(label):
     try:
-        return {r["name"]: r for r in json.load(open(E + label + ".json"))["rows"]}
+        return {r["name"]: r for r in json.loads((EVAL / f"{label}.json").read_text())["rows"]}
     except FileNotFoundError:
         return {}
 def cell(r):

@@ -155,6 +155,7 @@ class Trainer:
             raise ValueError("no training structures")
         self.config = config
         self.train = list(train)
+        self.train_species = sorted({s for p in self.train for s in p.initial.get_chemical_symbols()})
         self.val = list(val)
         self.out = Path(out_dir)
         self.progress = progress
@@ -237,11 +238,10 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _structure_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
         """Relax ``pairs`` with the graph, backward the mean loss. Returns (loss sum, n used, blew-up mask)."""
+        from relaxtune.evaluate import start_structures
         from relaxtune.relax.implicit import relax_for_training
 
         c = self.config
-        from relaxtune.evaluate import start_structures
-
         batch = Batch.from_atoms(start_structures(pairs, c.start), dtype=self.dtype, device=self.device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype,
                                  device=self.device)
@@ -399,7 +399,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "epoch": self.epoch,
             "metrics": _jsonable(metrics) if metrics else {},
-            "train_species": sorted({s for p in self.train for s in p.initial.get_chemical_symbols()}),
+            "train_species": self.train_species,
         }
         if with_trainer:
             data["trainer"] = {
