@@ -90,7 +90,7 @@ def test_info_builtin_and_errors(monkeypatch, capsys, tmp_path):
     code, stdout, _ = run(monkeypatch, capsys, "data", "info", "builtin:si-defects", "--json")
     info = json.loads(stdout)
     assert code == 0 and info["n_structures"] >= 3 and "Si" in info["species"]
-    assert info["splits"]["val"]["groups"] == ["sub_P", "int_H"] and info["n_planned"] == 3 * len(SI_DEFECT_TYPES)
+    assert info["splits"]["val"]["groups"] == ["int_H", "As_V"] and info["n_planned"] == 3 * len(SI_DEFECT_TYPES)
     code, stdout, _ = run(monkeypatch, capsys, "data", "info", "builtin:si-defects")
     assert "progress:" in stdout and "split test:" in stdout and "level: GPAW" in stdout
     code, _, err = run(monkeypatch, capsys, "data", "info", "builtin:nothing")

@@ -13,7 +13,8 @@ from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import EpochStats, Trainer, finetune, lr_factor, select_trainable
 
 SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
-          eval_fmax=1e-3, objective="structure", val_start="initial")  # the reference method, Dq from initial
+          eval_fmax=1e-3, objective="structure", val_start="initial", start="initial",
+          dq_scale="absolute")  # the reference method: mean Dq from the initial structures
 
 
 def _weights(path):
@@ -111,16 +112,16 @@ def test_start_relaxed_begins_training_relaxations_at_the_reference_structure(sw
     stats = {}
     for start in ("initial", "relaxed"):
         stats[start] = EpochStats()
-        trainer = Trainer(TrainConfig(**SW, start=start), pairs, [], tmp_path / start, progress=False)
+        trainer = Trainer(TrainConfig(**{**SW, "start": start}), pairs, [], tmp_path / start, progress=False)
         trainer._structure_loss(pairs, stats[start])
     # from the DFT minimum the model only slides into its own nearby minimum: fewer steps for every structure
     assert all(r < i for r, i in zip(stats["relaxed"].steps, stats["initial"].steps))
     with pytest.raises(ValueError, match="start"):
-        TrainConfig(**SW, start="middle")
+        TrainConfig(**{**SW, "start": "middle"})
 
 
 def test_start_relaxed_lowers_validation_dq_from_initial_structures(sw_pairs, tmp_path):
-    cfg = TrainConfig(**SW, start="relaxed", epochs=3)
+    cfg = TrainConfig(**{**SW, "start": "relaxed"}, epochs=3)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     assert s["val_after"]["dq_mean"] < 0.9 * s["val_before"]["dq_mean"]
 
@@ -201,3 +202,31 @@ def test_summary_has_per_structure_validation_dq(sw_pairs, tmp_path):
     before, after = s["val_dq_by_structure_before"], s["val_dq_by_structure_after"]
     assert set(before) == {"sw4", "sw5"} and set(after) == {"sw4", "sw5"}
     assert sum(before.values()) / 2 == pytest.approx(s["val_before"]["dq_mean"])
+
+
+def test_dq_scale_pretrained_divides_each_structures_dq_by_the_pretrained_one(sw_pairs, tmp_path):
+    pairs = sw_pairs[:3]
+    absolute = Trainer(TrainConfig(**SW), pairs, [], tmp_path / "a", progress=False)
+    per_structure = [absolute._structure_loss([p], EpochStats())[0] for p in pairs]  # pretrained Dq each
+    relative = Trainer(TrainConfig(**{**SW, "dq_scale": "pretrained"}, dq_scale_floor=1e-6), pairs, [], tmp_path / "r",
+                       progress=False)
+    relative.dq_scale = relative._measure_dq_scale()
+    assert relative.dq_scale == pytest.approx(per_structure, rel=1e-6)
+    loss_sum, n_ok, _ = relative._structure_loss(pairs, EpochStats())
+    assert n_ok == 3 and loss_sum == pytest.approx(3.0, rel=1e-6)  # every structure at its own pretrained Dq
+    floored = Trainer(TrainConfig(**{**SW, "dq_scale": "pretrained"}, dq_scale_floor=10.0), pairs, [], tmp_path / "f",
+                      progress=False)
+    assert floored._measure_dq_scale() == [10.0] * 3
+    with pytest.raises(ValueError, match="dq_scale"):
+        TrainConfig(**{**SW, "dq_scale": "log"})
+
+
+def test_dq_scale_pretrained_trains_and_resumes_with_the_stored_scales(sw_pairs, tmp_path):
+    cfg = TrainConfig(**{**SW, "dq_scale": "pretrained"}, epochs=2)
+    s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"] <= 1.0 + 1e-6
+    stored = torch.load(tmp_path / "last.pt", weights_only=False)["trainer"]["dq_scale"]
+    assert len(stored) == 4 and min(stored) > 0
+    resumed = Trainer(cfg.replace(epochs=3), sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
+    resumed._restore(tmp_path / "last.pt")
+    assert resumed.dq_scale == pytest.approx(stored)

@@ -14,14 +14,19 @@ Writes DIR/best.pt, DIR/last.pt, DIR/metrics.csv, DIR/summary.json.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import typer
 
 from relaxtune.cli import UserInputError, app
+from relaxtune.train.config import TrainConfig
 
 CLASSICAL = {"lj", "sw"}
+#: the CLI's defaults are the library's (one place to change them), read without building a config (no torch)
+DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
 
 
 def _load_pairs(spec: str, option: str) -> list:
@@ -66,35 +71,37 @@ def finetune_command(
     train: str = typer.Argument(..., help="Training relaxation pairs (file, directory, builtin:NAME, ...)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (best.pt, last.pt, metrics.csv, summary.json)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split)."),
-    model: str = typer.Option("chgnet", "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint."),
-    steps: int = typer.Option(150, "--steps", help="Relaxation steps k per training relaxation (max)."),
-    optimizer: str = typer.Option("fire", "--optimizer", help="Relaxation optimizer: fire | gd."),
-    grad: str = typer.Option("implicit", "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
+    model: str = typer.Option(DEFAULTS.model, "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint."),
+    steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max)."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd."),
+    grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
     learn_step: bool = typer.Option(False, "--learn-step", help="Also train the relaxation step size."),
-    start: str = typer.Option("initial", "--start", help="Training relaxations start at the initial structure "
+    start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
                               "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
-    objective: str = typer.Option("structure+forces", "--objective",
+    objective: str = typer.Option(DEFAULTS.objective, "--objective",
                                   help="structure (Dq) | forces (baseline) | structure+forces (Dq + DFT frames)."),
-    forces_mix: float = typer.Option(100.0, "--forces-mix", help="structure+forces: weight of the DFT-frame "
+    forces_mix: float = typer.Option(DEFAULTS.forces_mix, "--forces-mix", help="structure+forces: weight of the DFT-frame "
                                      "energy/force MSE against Dq."),
-    epochs: int = typer.Option(6, "--epochs", help="Epochs."),
-    lr: float = typer.Option(1e-4, "--lr", help="AdamW learning rate of the model weights."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Structures relaxed together per optimizer step."),
-    train_params: str = typer.Option("all", "--train-params",
+    dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
+                                 "divided by the pretrained model's Dq of each training structure)."),
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
+    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate of the model weights."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Structures relaxed together per optimizer step."),
+    train_params: str = typer.Option(DEFAULTS.train_params, "--train-params",
                                      help="all | readout | freeze-embeddings | comma-separated name fragments."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (data order)."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed (data order)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (same settings as stored)."),
-    fmax: float = typer.Option(0.02, "--fmax", help="Convergence of training relaxations (eV/Å)."),
-    truncate_steps: int = typer.Option(10, "--truncate-steps", help="Steps kept by --grad truncated."),
-    checkpoint_every: int = typer.Option(1, "--checkpoint-every", help="Block length of --grad checkpoint."),
-    hybrid_steps: int = typer.Option(10, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
-    hybrid_head: str = typer.Option("checkpoint", "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
-    val_start: str = typer.Option("relaxed", "--val-start", help="Validation relaxations start at the initial "
+    fmax: float = typer.Option(DEFAULTS.fmax, "--fmax", help="Convergence of training relaxations (eV/Å)."),
+    truncate_steps: int = typer.Option(DEFAULTS.truncate_steps, "--truncate-steps", help="Steps kept by --grad truncated."),
+    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, "--checkpoint-every", help="Block length of --grad checkpoint."),
+    hybrid_steps: int = typer.Option(DEFAULTS.hybrid_steps, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
+    hybrid_head: str = typer.Option(DEFAULTS.hybrid_head, "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
+    val_start: str = typer.Option(DEFAULTS.val_start, "--val-start", help="Validation relaxations start at the initial "
                                   "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed."),
-    patience: int = typer.Option(0, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient-norm clipping per group (0 = off)."),
-    step_lr: float = typer.Option(1e-2, "--step-lr", help="Learning rate of the relaxation parameters."),
+    patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay."),
+    grad_clip: float = typer.Option(DEFAULTS.grad_clip, "--grad-clip", help="Gradient-norm clipping per group (0 = off)."),
+    step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float64 (default: float64 for sw/lj)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default; 1 was "
@@ -108,7 +115,6 @@ def finetune_command(
     import torch
 
     from relaxtune.train import distributed
-    from relaxtune.train.config import TrainConfig
     from relaxtune.train.finetune import finetune
 
     if threads:
@@ -126,7 +132,7 @@ def finetune_command(
             hybrid_head=hybrid_head,
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
-            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start, val_start=val_start,
+            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start, val_start=val_start, dq_scale=dq_scale,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None

@@ -199,6 +199,8 @@ class Trainer:
         self.stopped_early = False
         self.started = time.time()
         self.elapsed_before = 0.0
+        self.dq_scale: list[float] = []  # per training structure (dq_scale="pretrained")
+        self._train_index = {id(p): i for i, p in enumerate(self.train)}
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
@@ -253,6 +255,9 @@ class Trainer:
         res = out.result
         weights = losses.StructureLossWeights(dq=c.dq_weight, rmsd=c.rmsd_weight)
         per = losses.structure_loss(res.batch, reference, weights)
+        if self.dq_scale:
+            scale = [self.dq_scale[self._train_index[id(p)]] if id(p) in self._train_index else 1.0 for p in pairs]
+            per = per / torch.tensor(scale, dtype=per.dtype, device=per.device)
         blew = res.blew_up.to(torch.bool) | ~torch.isfinite(per.detach())
         n_ok = int((~blew).sum())
         if n_ok:
@@ -386,6 +391,19 @@ class Trainer:
         metrics["dq_by_structure"] = {r["name"]: r["dq"] for r in result.rows}
         return metrics
 
+    def _measure_dq_scale(self) -> list[float]:
+        """Pretrained Dq of every training structure from the training start (``dq_scale="pretrained"``),
+        floored at ``dq_scale_floor``, in training order; [] for absolute losses and the forces objective."""
+        c = self.config
+        if c.dq_scale != "pretrained" or c.objective == "forces":
+            return []
+        from relaxtune.evaluate import evaluate
+
+        rows = evaluate(self.model, self.train, fmax=c.fmax, optimizer=c.optimizer, max_steps=c.steps,
+                        batch_size=c.batch_size, dtype=self.dtype, start=c.start).rows
+        # a pretrained relaxation that blew up (NaN) gets weight 1: no information on its scale
+        return [max(float(r["dq"]), c.dq_scale_floor) if math.isfinite(float(r["dq"])) else 1.0 for r in rows]
+
     def _payload(self, metrics: dict[str, Any] | None, with_trainer: bool) -> dict[str, Any]:
         data = {
             "format": ckpt.FORMAT,
@@ -414,6 +432,7 @@ class Trainer:
                 "theta0_relax": self.theta0_relax,
                 "theta0_modules": self.theta0_modules,
                 "elapsed": self.elapsed_before + (time.time() - self.started),
+                "dq_scale": self.dq_scale,
             }
         return data
 
@@ -444,6 +463,7 @@ class Trainer:
         self.theta0_relax = tr["theta0_relax"]
         self.theta0_modules = dict(tr["theta0_modules"])
         self.elapsed_before = float(tr.get("elapsed", 0.0))
+        self.dq_scale = [float(v) for v in tr.get("dq_scale") or []]
         self.epoch = int(data["epoch"])
 
     # ------------------------------------------------------------------ the run
@@ -474,7 +494,9 @@ class Trainer:
         if score is not None and math.isfinite(score):
             best_score = self.best.get("score") if self.best else None
             best_score = math.inf if best_score is None else best_score
-            if score < best_score - self.config.min_delta:
+            # an improvement at round-off level (a learning rate too small to matter) is not one
+            tolerance = max(self.config.min_delta, 1e-9 * abs(best_score) if math.isfinite(best_score) else 0.0)
+            if score < best_score - tolerance:
                 improved = True
         if epoch == 0 and not self.val:
             improved = self.best is None  # the pretrained model is the first "best" without validation
@@ -507,6 +529,7 @@ class Trainer:
             self.log(f"resumed from {last} at epoch {self.epoch}")
         else:
             t0 = time.time()
+            self.dq_scale = self._measure_dq_scale()
             val = self.validate()
             row = self._record(0, None, val, time.time() - t0)
             self._save(row, val)
