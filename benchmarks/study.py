@@ -54,7 +54,8 @@ HELD_OUT = ("test", "val")
 #: per optimizer step, AdamW at the trainer's default lr 1e-4, no warmup.
 BASE = dict(model="chgnet", objective="structure", optimizer="fire", steps=50, fmax=0.02, grad="truncated",
             truncate_steps=10, checkpoint_every=5, epochs=3, batch_size=1, lr=1e-4, warmup_frac=0.0, schedule="cosine",
-            grad_clip=1.0, dtype="float32", eval_fmax=0.02, eval_max_steps=500, patience=0)
+            grad_clip=1.0, dtype="float32", eval_fmax=0.02, eval_max_steps=500, patience=0,
+            start="initial", val_start="initial", dq_scale="absolute")  # the study's settings, not today's defaults
 
 #: the fixed training set of part 2 (the two training structures present from the start, so that every
 #: robustness cell sees the same data even while the DFT workers add structures).

@@ -230,3 +230,14 @@ def test_dq_scale_pretrained_trains_and_resumes_with_the_stored_scales(sw_pairs,
     resumed = Trainer(cfg.replace(epochs=3), sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     resumed._restore(tmp_path / "last.pt")
     assert resumed.dq_scale == pytest.approx(stored)
+
+
+def test_a_stored_config_that_predates_a_field_keeps_the_old_behaviour():
+    old = TrainConfig(**SW).to_dict()
+    for name in ("start", "val_start", "dq_scale"):
+        old.pop(name)
+    restored = TrainConfig.from_dict(old)
+    assert (restored.start, restored.val_start, restored.dq_scale) == ("initial", "initial", "absolute")
+    today = TrainConfig()
+    assert (today.start, today.dq_scale) == ("relaxed", "pretrained")
+    assert TrainConfig.from_dict(today.to_dict()) == today

@@ -90,8 +90,9 @@ DATASETS: dict[str, BuiltinDataset] = {
     "si-defects-mini": BuiltinDataset(
         name="si-defects-mini", folder="si-defects",
         description=("View of si-defects: one rattle (seed 1) per defect type, same split by defect type "
-                     "(9 train, 2 val, 6 test structures when complete). Small enough to fine-tune CHGNet in a few "
-                     "minutes on 2 CPU cores: one epoch of 10-step unrolls costs about 9 x 4.4 s (DESIGN.md)."),
+                     "(10 train, 2 val, 5 test structures when complete). Small enough to fine-tune CHGNet on 2 CPU "
+                     "cores in minutes: with the default recipe (relaxations from the DFT structures) an epoch "
+                     "took about 30 s."),
         structures="the seed-1 structures of si-defects (no files of its own)",
         settings="as si-defects",
         regenerate=("# a view: regenerate si-defects",),

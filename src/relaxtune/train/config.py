@@ -8,6 +8,8 @@ from typing import Any
 
 OBJECTIVES = ("structure", "forces", "structure+forces")
 DQ_SCALES = ("absolute", "pretrained")
+#: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
+BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute"}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -131,8 +133,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """A config from ``to_dict`` output. A field that a stored config predates takes the value that held
+        before the field existed (not today's default), so an old run resumes with its own settings."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        legacy = {k: v for k, v in BEFORE_FIELD_EXISTED.items() if k not in data}
+        return cls(**{**legacy, **{k: v for k, v in data.items() if k in known}})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

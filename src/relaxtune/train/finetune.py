@@ -573,6 +573,8 @@ class Trainer:
         parts = [f"epoch {row['epoch']}"]
         if row.get("train_loss") is not None:
             label = {"structure": "train Dq", "forces": "train E/F loss"}.get(self.config.objective, "train loss")
+            if self.dq_scale and self.config.objective == "structure":
+                label = "train Dq/pretrained"  # the relative loss: 1 = as far from DFT as the pretrained model
             parts.append(f"{label} {row['train_loss']:.4f}")
         if row.get("val_dq_mean") is not None:
             label = "val Dq" if self.config.val_start == "initial" else "val Dq (from relaxed)"
