@@ -262,12 +262,9 @@ class DistributedTrainer(Trainer):
         if self.ctx.is_main:
             super()._write_summary(summary)
 
-    # -------------------------------------------------------------- validation
-    def validate(self) -> dict[str, Any] | None:
-        if not self.val:
-            return None
-        result = evaluate_distributed(self.model, self.val, self.ctx, **self._eval_kwargs())
-        return {**result.metrics, "dq_by_structure": {r["name"]: r["dq"] for r in result.rows}}
+    # -------------------------------------------------------------- evaluation (validation, dq_scale)
+    def _evaluate(self, pairs: Sequence, **kwargs: Any):
+        return evaluate_distributed(self.model, pairs, self.ctx, **kwargs)
 
     # -------------------------------------------------------------- epoch statistics
     def _record(self, epoch: int, stats: EpochStats | None, val: dict | None, seconds: float) -> dict[str, Any]:

@@ -381,12 +381,16 @@ class Trainer:
         return dict(fmax=c.eval_fmax, optimizer=c.eval_optimizer, max_steps=c.eval_max_steps,
                     batch_size=c.batch_size, dtype=self.dtype, start=c.val_start)
 
+    def _evaluate(self, pairs: Sequence, **kwargs: Any):
+        """Relax ``pairs`` without a graph (``relaxtune.evaluate.evaluate``; all ranks share it when distributed)."""
+        from relaxtune.evaluate import evaluate
+
+        return evaluate(self.model, pairs, **kwargs)
+
     def validate(self) -> dict[str, Any] | None:
         if not self.val:
             return None
-        from relaxtune.evaluate import evaluate
-
-        result = evaluate(self.model, self.val, **self._eval_kwargs())
+        result = self._evaluate(self.val, **self._eval_kwargs())
         metrics = dict(result.metrics)
         metrics["dq_by_structure"] = {r["name"]: r["dq"] for r in result.rows}
         return metrics
@@ -397,10 +401,8 @@ class Trainer:
         c = self.config
         if c.dq_scale != "pretrained" or c.objective == "forces":
             return []
-        from relaxtune.evaluate import evaluate
-
-        rows = evaluate(self.model, self.train, fmax=c.fmax, optimizer=c.optimizer, max_steps=c.steps,
-                        batch_size=c.batch_size, dtype=self.dtype, start=c.start).rows
+        rows = self._evaluate(self.train, fmax=c.fmax, optimizer=c.optimizer, max_steps=c.steps,
+                              batch_size=c.batch_size, dtype=self.dtype, start=c.start).rows
         # a pretrained relaxation that blew up (NaN) gets weight 1: no information on its scale
         return [max(float(r["dq"]), c.dq_scale_floor) if math.isfinite(float(r["dq"])) else 1.0 for r in rows]
 
