@@ -1,7 +1,7 @@
 """``relaxtune finetune``: fine-tune a pretrained potential through relaxations (or on energies and forces).
 
     relaxtune finetune builtin:si-defects --out runs/si                       # the default recipe
-    relaxtune finetune builtin:si-defects --out runs/si --grad full --steps 50 --optimizer gd --learn-step
+    relaxtune finetune builtin:si-defects --out runs/si --grad full --steps 50 --optimizer gd --learn-step --start initial
     relaxtune finetune train/ --val val/ --out runs/mine --model chgnet --epochs 10
     relaxtune finetune builtin:si-defects --out runs/baseline --objective forces   # conventional baseline
     relaxtune finetune builtin:si-defects --out runs/si --resume              # continue a killed run
