@@ -1,4 +1,4 @@
-"""Tables of docs/results.md ("Update, 2026-11-30 (22:00-00:30 UTC): a recipe that fits") from eval/ next to
+"""Tables of docs/results.md ("Update, 2026-11-30 (21:50-00:15 UTC): a recipe that fits") from eval/ next to
 this file: ``python tables.py [RUN ...]`` prints, for every structure set and start, Dq per structure, the mean,
 the geometric mean of the ratio to pretrained (``PRE``) and how many structures got better."""
 import json

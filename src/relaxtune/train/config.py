@@ -16,7 +16,7 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of a run. Defaults: the embedded default (docs/results.md, "Update, 2026-11-30 (22:00-23:30
+    """Settings of a run. Defaults: the embedded default (docs/results.md, "Update, 2026-11-30 (21:50-00:15
     UTC)"): Dq of the model's own minimum next to each DFT structure (training relaxations start at the
     DFT-relaxed structure), each structure's Dq divided by the pretrained model's, AdamW lr 1e-3 for 20 epochs.
     On new structures of the trained defect types that recipe lowered Dq from the initial structures by about
