@@ -75,7 +75,7 @@ def finetune_command(
     steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max)."),
     optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd."),
     grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
-    learn_step: bool = typer.Option(False, "--learn-step", help="Also train the relaxation step size."),
+    learn_step: bool = typer.Option(DEFAULTS.learn_step, "--learn-step", help="Also train the relaxation step size."),
     start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
                               "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
     objective: str = typer.Option(DEFAULTS.objective, "--objective",
