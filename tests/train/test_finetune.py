@@ -241,3 +241,33 @@ def test_a_stored_config_that_predates_a_field_keeps_the_old_behaviour():
     today = TrainConfig()
     assert (today.start, today.dq_scale) == ("relaxed", "pretrained")
     assert TrainConfig.from_dict(today.to_dict()) == today
+
+
+def test_embedding_lr_needs_a_model_with_per_element_embeddings(sw_pairs, tmp_path):
+    with pytest.raises(ValueError, match="embedding_lr"):
+        Trainer(TrainConfig(**SW, embedding_lr=1e-2), sw_pairs[:2], [], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="embedding_lr"):
+        TrainConfig(embedding_lr=0.0)
+
+
+@pytest.mark.slow
+def test_embedding_lr_trains_the_rows_of_the_elements_present_at_their_own_rate(tmp_path):
+    from relaxtune.data import load_pairs
+
+    pairs = [p for p in load_pairs("builtin:si-defects") if p.name == "sub_B_1"]
+    cfg = TrainConfig(model="chgnet", epochs=1, batch_size=1, lr=1e-5, embedding_lr=1e-2, steps=60,
+                      warmup_frac=0.0, schedule="constant", dq_scale="absolute")
+    trainer = Trainer(cfg, pairs, [], tmp_path, progress=False, log=lambda m: None)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"model", "elements"} and groups["elements"]["lr"] == 1e-2
+    table = dict(trainer.model.named_parameters())["model.atom_embedding.embedding.weight"]
+    before = table.detach().clone()
+    shared = [p.detach().clone() for p in groups["model"]["params"]]
+    trainer.run()
+    moved = (table.detach() - before).norm(dim=1)
+    z_b, z_si, z_ge = 5 - 1, 14 - 1, 32 - 1  # CHGNet's table is indexed by Z - 1
+    assert moved[z_b] > 0 and moved[z_si] > 0 and moved[z_ge] == 0  # Ge is not in the data: untouched
+    row_step = float(moved[z_b] / before[z_b].norm())
+    shared_step = float(torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(groups["model"]["params"], shared)])
+                        .norm() / torch.cat([s.reshape(-1) for s in shared]).norm())
+    assert row_step > 10 * shared_step, (row_step, shared_step)

@@ -86,6 +86,8 @@ def finetune_command(
                                  "divided by the pretrained model's Dq of each training structure)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate of the model weights."),
+    embedding_lr: Optional[float] = typer.Option(DEFAULTS.embedding_lr, "--embedding-lr", help="Learning rate of "
+                                                 "the per-element embeddings (default: --lr)."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Structures relaxed together per optimizer step."),
     train_params: str = typer.Option(DEFAULTS.train_params, "--train-params",
                                      help="all | readout | freeze-embeddings | comma-separated name fragments."),
@@ -131,6 +133,7 @@ def finetune_command(
             truncate_steps=truncate_steps, checkpoint_every=checkpoint_every, hybrid_steps=hybrid_steps,
             hybrid_head=hybrid_head,
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
+            embedding_lr=embedding_lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
             seed=seed, dtype=dtype, forces_mix=forces_mix, start=start, val_start=val_start, dq_scale=dq_scale,
         )

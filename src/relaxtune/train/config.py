@@ -34,7 +34,8 @@ class TrainConfig:
     learning rate ``step_lr``.
     Optimisation: AdamW (``lr``, ``weight_decay``), linear warmup over ``warmup_frac`` of the optimizer steps
     then cosine decay to ``lr * min_lr_ratio``, gradient-norm clipping at ``grad_clip`` (0 = off),
-    ``train_params`` = all | readout | freeze-embeddings | comma-separated parameter-name fragments.
+    ``train_params`` = all | readout | freeze-embeddings | comma-separated parameter-name fragments;
+    ``embedding_lr`` (None = ``lr``): learning rate of the per-element embeddings, a group of their own.
     Validation: Dq each epoch with FIRE to ``eval_fmax``, from the initial structures or (``val_start="relaxed"``)
     from the DFT-relaxed ones: the offset of the model's own minimum, less exposed than Dq from the initial
     structures to a floppy structure (a self-interstitial) taking a neighbouring configuration on the way, so
@@ -73,6 +74,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 4
     lr: float = 1e-3
+    embedding_lr: float | None = None
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_frac: float = 0.1
@@ -127,6 +129,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0 (got {self.lr})")
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            raise ValueError(f"embedding_lr: must be > 0 (got {self.embedding_lr})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -43,9 +43,11 @@ from relaxtune.train.config import TrainConfig
 CHGNET_READOUT = ("mlp", "readout_norm")
 CHGNET_EMBEDDINGS = ("atom_embedding", "bond_basis_expansion", "bond_embedding", "bond_weights_ag",
                      "bond_weights_bg", "angle_basis_expansion", "angle_embedding", "composition_model")
+#: per-element embeddings (a row or block per element): CHGNet, SevenNet, MACE (``TrainConfig.embedding_lr``)
+ELEMENT_EMBEDDINGS = ("atom_embedding", "onehot_to_feature_x", "node_embedding")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
                  "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
-                 "grad_norm_model", "grad_norm_relax",
+                 "grad_norm_model", "grad_norm_elements", "grad_norm_relax",
                  "val_dq_mean", "val_dq_median", "val_rmsd_mean", "val_max_disp_mean", "val_basin_match_rate",
                  "val_converged_rate", "val_steps_mean", "step_size", "is_best", "time_s"]
 
@@ -82,6 +84,12 @@ def select_trainable(model: torch.nn.Module, spec: str) -> dict[str, int]:
         p.requires_grad_(n in keep)
     n_train = sum(p.numel() for n, p in named if n in keep)
     return {"trainable": int(n_train), "frozen": int(sum(p.numel() for _, p in named) - n_train)}
+
+
+def element_embedding_names(model: torch.nn.Module) -> set[str]:
+    """Names of the trainable parameters that embed each element on its own (``ELEMENT_EMBEDDINGS``)."""
+    return {n for n, p in model.named_parameters()
+            if p.requires_grad and any(c in ELEMENT_EMBEDDINGS for c in _components(n))}
 
 
 def _flat(params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -180,7 +188,7 @@ class Trainer:
             self.step_params_kwargs = None
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
         self.relax_params = list(self.step_params.parameters()) if self.step_params is not None else []
-        groups = [{"params": self.model_params, "lr": config.lr, "weight_decay": config.weight_decay, "name": "model"}]
+        groups = self._model_groups()
         if self.relax_params:
             groups.append({"params": self.relax_params, "lr": config.step_lr, "weight_decay": 0.0, "name": "relax"})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -201,6 +209,23 @@ class Trainer:
         self.elapsed_before = 0.0
         self.dq_scale: list[float] = []  # per training structure (dq_scale="pretrained")
         self._train_index = {id(p): i for i, p in enumerate(self.train)}
+
+    def _model_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups of the model: one, or with ``embedding_lr`` the per-element embeddings apart, so that an
+        element's own error can be fixed in its own row at a high rate while the weights every element shares
+        move slowly (what moves shared weights moves elements the data never held)."""
+        c = self.config
+        base = {"weight_decay": c.weight_decay}
+        if c.embedding_lr is None:
+            return [{"params": self.model_params, "lr": c.lr, "name": "model", **base}]
+        names = element_embedding_names(self.model)
+        if not names:
+            raise ValueError(f"embedding_lr: model {c.model!r} has no trainable per-element embedding "
+                             f"({', '.join(ELEMENT_EMBEDDINGS)})")
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n not in names], "lr": c.lr, "name": "model", **base},
+                  {"params": [p for n, p in named if n in names], "lr": c.embedding_lr, "name": "elements", **base}]
+        return [g for g in groups if g["params"]]
 
     # ------------------------------------------------------------------ helpers
     def log(self, msg: str) -> None:
