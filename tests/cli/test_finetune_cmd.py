@@ -19,7 +19,7 @@ from swdata import write_sw_dataset
 from helpers import run_cli as run
 
 SW_ARGS = ["--model", "sw", "--optimizer", "gd", "--steps", "300", "--fmax", "0.001", "--batch-size", "2",
-           "--lr", "0.003", "--no-progress"]
+           "--lr", "0.003", "--objective", "structure", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

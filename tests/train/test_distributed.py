@@ -29,7 +29,7 @@ from relaxtune.train import distributed
 # 4 training structures in global batches of 3: the shares of the first batch are 2 and 1 (unequal), of
 # the second 1 and 0 (rank 1 has nothing to relax): the loss must still be the mean over the global batch.
 TRAIN_ARGS = ["--model", "sw", "--optimizer", "fire", "--steps", "12", "--fmax", "0.05", "--grad", "full",
-              "--learn-step", "--batch-size", "3", "--lr", "0.003", "--no-progress"]
+              "--learn-step", "--batch-size", "3", "--lr", "0.003", "--objective", "structure", "--no-progress"]
 DRIVER = Path(__file__).with_name("dist_driver.py")
 EVAL_ARGS = ["--model", "sw", "--fmax", "0.05", "--max-steps", "30", "--batch-size", "2", "--no-progress"]
 
@@ -152,7 +152,7 @@ def test_two_ranks_train_to_the_weights_of_one_process(runs):
     assert "on 2 ranks (gloo)" in proc.stderr
     # rank 0 alone reports: one summary on stdout, one log line per epoch
     assert proc.stdout.count('"best_epoch"') == 1
-    assert proc.stderr.count("epoch 2  train Dq") == 1  # the default objective: Dq (relative to pretrained)
+    assert proc.stderr.count("epoch 2  train Dq") == 1  # objective structure: Dq (relative to pretrained)
     trained = torch.load(root / "two" / "last.pt", weights_only=True)["state_dict"]
     pretrained = load_model("sw", dtype=torch.float64).state_dict()
     assert max(float((trained[k] - v).abs().max()) for k, v in pretrained.items()) > 1e-4  # it did train

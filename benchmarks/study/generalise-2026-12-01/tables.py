@@ -1,0 +1,63 @@
+"""Tables of docs/results.md ("Update, 2026-12-01: what generalises to unseen defect types") from eval/ next to
+this file: ``python tables.py [RUN ...]`` prints Dq per structure, the mean, the geometric mean of the ratio to
+pretrained CHGNet (``PRE``) and how many structures got better, for each structure set; ``--groups`` prints
+the summary table (per-set means and geo-mean ratios) and the data-efficiency table."""
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaltables import load, print_tables  # noqa: E402
+
+EVAL = Path(__file__).resolve().parent / "eval"
+SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
+        "new": "structures that arrived after M1 (vacancy_3, sub_B_3, sub_P_3: training types; sub_Sb_2: test)"}
+RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "E2", "C1", "C2", "W0.5", "SOUP", "D5n", "D2n"]
+TEST = ("sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
+D2_TYPES = ("vacancy", "sub_B")
+D5_TYPES = ("vacancy", "sub_B", "int_T", "int_split110", "sub_Al")
+
+
+def rows(run: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for which in SETS:
+        out.update(load(EVAL, run, which, "ini"))
+    return out
+
+
+def group(names: list[str], run: dict[str, float], base: dict[str, float]) -> str:
+    names = [n for n in names if n in run]
+    if not names:
+        return "–"
+    mean, ref = sum(run[n] for n in names) / len(names), sum(base[n] for n in names) / len(names)
+    geo = math.exp(sum(math.log(run[n] / base[n]) for n in names) / len(names))
+    better = sum(run[n] < base[n] for n in names)
+    return f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{len(names)}"
+
+
+def groups(runs: list[str]) -> None:
+    base = rows("PRE")
+    kind = lambda n: n.rsplit("_", 1)[0]  # noqa: E731
+    seen = [n for n in base if kind(n) not in ("int_H", "As_V") + TEST]
+    unseen = [n for n in base if n not in seen]
+    test = [n for n in unseen if kind(n) in TEST]
+    print("| run | new structures of training types (" + str(len(seen)) + ") | unseen types (" + str(len(unseen))
+          + ") | test types only (" + str(len(test)) + ") |")
+    print("|---|---|---|---|")
+    for r in runs:
+        v = rows(r)
+        if v:
+            print(f"| {r} | {group(seen, v, base)} | {group(unseen, v, base)} | {group(test, v, base)} |")
+    print("\n| run | trained types | their new structures: mean Dq (change), geo-mean ratio | same structures, M1 |")
+    print("|---|---|---|---|")
+    m1 = rows("M1")
+    for r, types in (("D2n", D2_TYPES), ("D5n", D5_TYPES)):
+        names = [n for n in seen if kind(n) in types]
+        print(f"| {r} | {', '.join(types)} | {group(names, rows(r), base)} | {group(names, m1, base)} |")
+
+
+if __name__ == "__main__":
+    if "--groups" in sys.argv:
+        groups([r for r in sys.argv[1:] if r != "--groups"] or RUNS)
+    else:
+        print_tables(EVAL, SETS, sys.argv[1:] or RUNS)
