@@ -79,7 +79,7 @@ def finetune_command(
     start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
                               "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
     objective: str = typer.Option(DEFAULTS.objective, "--objective",
-                                  help="structure (Dq) | forces (baseline) | structure+forces (Dq + DFT frames)."),
+                                  help="structure+forces (Dq + DFT frames; default) | structure (Dq) | forces (baseline)."),
     forces_mix: float = typer.Option(DEFAULTS.forces_mix, "--forces-mix", help="structure+forces: weight of the DFT-frame "
                                      "energy/force MSE against Dq."),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
