@@ -271,3 +271,18 @@ def test_embedding_lr_trains_the_rows_of_the_elements_present_at_their_own_rate(
     shared_step = float(torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(groups["model"]["params"], shared)])
                         .norm() / torch.cat([s.reshape(-1) for s in shared]).norm())
     assert row_step > 10 * shared_step, (row_step, shared_step)
+
+
+def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(tmp_path):
+    """structure+forces is the default; pairs read from bare structure files (no energies or forces) have no
+    frames, so the loss is Dq alone rather than an error."""
+    from swdata import make_sw_pairs
+
+    pairs = make_sw_pairs(2, with_trajectory=False)
+    for p in pairs:
+        p.initial.calc = p.final.calc = None
+    assert TrainConfig().objective == "structure+forces"
+    trainer = Trainer(TrainConfig(**{**SW, "objective": "structure+forces"}), pairs, [], tmp_path, progress=False)
+    combined, n_ok, _ = trainer._combined_loss(pairs, EpochStats())
+    structure, _, _ = trainer._structure_loss(pairs, EpochStats())
+    assert n_ok == 2 and combined == pytest.approx(structure, rel=1e-9)
