@@ -15,6 +15,15 @@ def load(eval_dir: Path, run: str, which: str, start: str) -> dict[str, float]:
     return {r["name"]: r["dq"] for r in json.loads(path.read_text())["rows"]}
 
 
+def compare(run: dict[str, float], base: dict[str, float], names: list[str]) -> tuple[float, float, int, int]:
+    """Over ``names`` present in ``run``: mean Dq, geometric mean of the ratio to ``base``, how many are lower
+    than ``base``, and how many there are."""
+    names = [n for n in names if n in run]
+    mean = sum(run[n] for n in names) / len(names)
+    geo = math.exp(sum(math.log(run[n] / base[n]) for n in names) / len(names))
+    return mean, geo, sum(run[n] < base[n] for n in names), len(names)
+
+
 def print_tables(eval_dir: Path, sets: dict[str, str], runs: list[str]) -> None:
     for which, what in sets.items():
         for start, how in STARTS.items():
@@ -30,10 +39,10 @@ def print_tables(eval_dir: Path, sets: dict[str, str], runs: list[str]) -> None:
                 print(f"| {name} | " + " | ".join(f"{v[name]:.3f}" if name in v else "–" for v in tab.values()) + " |")
             means, ratios, better = [], [], []
             for v in tab.values():
-                names = [n for n in base if n in v]
-                means.append(f"{sum(v[n] for n in names) / len(names):.3f}")
-                ratios.append(f"{math.exp(sum(math.log(v[n] / base[n]) for n in names) / len(names)):.3f}")
-                better.append(f"{sum(v[n] < base[n] for n in names)}/{len(names)}")
+                mean, geo, n_better, n = compare(v, base, list(base))
+                means.append(f"{mean:.3f}")
+                ratios.append(f"{geo:.3f}")
+                better.append(f"{n_better}/{n}")
             print("| **mean** | " + " | ".join(means) + " |")
             print("| geo-mean ratio to PRE | " + " | ".join(ratios) + " |")
             print("| better than PRE | " + " | ".join(better) + " |")

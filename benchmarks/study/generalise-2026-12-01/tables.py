@@ -2,12 +2,11 @@
 this file: ``python tables.py [RUN ...]`` prints Dq per structure, the mean, the geometric mean of the ratio to
 pretrained CHGNet (``PRE``) and how many structures got better, for each structure set; ``--groups`` prints
 the summary table (per-set means and geo-mean ratios) and the data-efficiency table."""
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaltables import load, print_tables  # noqa: E402
+from evaltables import compare, load, print_tables  # noqa: E402
 
 EVAL = Path(__file__).resolve().parent / "eval"
 SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
@@ -29,10 +28,9 @@ def group(names: list[str], run: dict[str, float], base: dict[str, float]) -> st
     names = [n for n in names if n in run]
     if not names:
         return "–"
-    mean, ref = sum(run[n] for n in names) / len(names), sum(base[n] for n in names) / len(names)
-    geo = math.exp(sum(math.log(run[n] / base[n]) for n in names) / len(names))
-    better = sum(run[n] < base[n] for n in names)
-    return f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{len(names)}"
+    mean, geo, better, n = compare(run, base, names)
+    ref = compare(base, base, names)[0]
+    return f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{n}"
 
 
 def groups(runs: list[str]) -> None:
