@@ -2,6 +2,12 @@
 
     OMP_NUM_THREADS=1 python scripts/generate_builtin.py si-defects --jobs 2
     OMP_NUM_THREADS=1 python scripts/generate_builtin.py crystals --jobs 2
+
+Independent processes (two shells, two cluster jobs) share the work without clashing with ``--shard I/N``:
+process I takes every N-th structure, starting at the I-th.
+
+    OMP_NUM_THREADS=1 python scripts/generate_builtin.py crystals --jobs 1 --shard 0/2 &
+    OMP_NUM_THREADS=1 python scripts/generate_builtin.py crystals --jobs 1 --shard 1/2 &
 """
 import argparse
 from pathlib import Path
@@ -12,16 +18,30 @@ from relaxtune.data.generate import GenerateSettings, generate
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "relaxtune" / "data" / "builtin"
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """Parse ``I/N`` (0 <= I < N)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard: {text!r} is not I/N") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard: {text!r} needs 0 <= I < N")
+    return index, count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("dataset", choices=["si-defects", "crystals"])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this process takes structures I, I+N, ...")
     args = parser.parse_args()
     if args.dataset == "si-defects":
         structures, settings = build_si_defects(), GenerateSettings(calculator="gpaw", fmax=0.02, kpts="gamma")
     else:
         structures, settings = build_crystals(), GenerateSettings(calculator="gpaw", fmax=0.02, relax_cell=True)
+    index, count = args.shard
+    structures = structures[index::count]
     out = args.out or BUILTIN / args.dataset
     generate(structures, out, settings, jobs=args.jobs, on_result=lambda r: print(r, flush=True))
 
