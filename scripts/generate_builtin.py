@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from relaxtune.data.builders import build_crystals, build_si_defects
-from relaxtune.data.generate import GenerateSettings, generate
+from relaxtune.data.generate import CELL_RELAX_MIN_ECUT, GenerateSettings, generate
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "relaxtune" / "data" / "builtin"
 
@@ -36,14 +36,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--shard", type=_shard, default=(0, 1), help="I/N: this process takes structures I, I+N, ...")
     args = parser.parse_args()
-    if args.dataset == "si-defects":
-        structures, settings = build_si_defects(), GenerateSettings(calculator="gpaw", fmax=0.02, kpts="gamma")
-    else:
-        structures, settings = build_crystals(), GenerateSettings(calculator="gpaw", fmax=0.02, relax_cell=True)
     index, count = args.shard
-    structures = structures[index::count]
     out = args.out or BUILTIN / args.dataset
-    generate(structures, out, settings, jobs=args.jobs, on_result=lambda r: print(r, flush=True))
+    if args.dataset == "si-defects":
+        structures = build_si_defects()[index::count]
+        generate(structures, out, GenerateSettings(calculator="gpaw", fmax=0.02, kpts="gamma"), jobs=args.jobs,
+                 on_result=lambda r: print(r, flush=True))
+        return
+    for structures, settings in crystal_jobs(build_crystals()[index::count]):
+        generate(structures, out, settings, jobs=args.jobs, on_result=lambda r: print(r, flush=True))
+
+
+def crystal_jobs(structures):
+    """(structures, settings) groups in input order: the reference 300 eV, or the cell-relaxation cutoff that a
+    structure's first-row elements need (B, C, N: ``CELL_RELAX_MIN_ECUT``)."""
+    groups = []
+    for atoms in structures:
+        ecut = max([300.0] + [CELL_RELAX_MIN_ECUT.get(el, 0.0) for el in set(atoms.get_chemical_symbols())])
+        if groups and groups[-1][1].ecut == ecut:
+            groups[-1][0].append(atoms)
+        else:
+            groups.append(([atoms], GenerateSettings(calculator="gpaw", fmax=0.02, relax_cell=True, ecut=ecut)))
+    return groups
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import torch
 
 from swdata import TRUTH, make_sw_pairs
 
-from relaxtune.evaluate import BASIN_TOLERANCE, evaluate, summarize
+from relaxtune.data import RelaxationPair
+from relaxtune.evaluate import BASIN_TOLERANCE, cell_errors, evaluate, summarize
 from relaxtune.potentials.classical import StillingerWeber
 
 
@@ -49,6 +50,55 @@ def test_start_relaxed_measures_the_offset_of_the_models_own_minimum():
     assert all(r["steps"] < i["steps"] for r, i in zip(from_relaxed.rows, from_initial.rows))
     with pytest.raises(ValueError, match="start"):
         evaluate(model, pairs, start="halfway")
+
+
+def _cell_relaxed_sw_pair() -> RelaxationPair:
+    """A strained, rattled Si8 and its cell relaxation with the reference SW (the 'DFT' of these tests)."""
+    import dataclasses
+
+    from ase.build import bulk
+
+    from relaxtune.relax import RelaxConfig, relax
+    from relaxtune.state import Batch
+
+    a = bulk("Si", "diamond", a=5.43, cubic=True)
+    a.rattle(0.05, seed=3)
+    a.set_cell(a.cell.array @ np.diag([1.03, 0.98, 1.01]), scale_atoms=True)
+    r = relax(StillingerWeber(**TRUTH), Batch.from_atoms([a], dtype=torch.float64),
+              RelaxConfig(fmax=1e-5, max_steps=2000, relax_cell=True))
+    assert bool(r.converged[0])
+    pair = make_sw_pairs(1)[0]
+    return dataclasses.replace(pair, name="si8_cell", group="cell", initial=a, final=r.batch.to_atoms()[0],
+                               energy_final=float(r.energy[0]), relax_cell=True)
+
+
+def test_cell_relaxed_pairs_relax_the_cell_and_report_its_error():
+    import dataclasses
+
+    pair = _cell_relaxed_sw_pair()
+    assert abs(pair.final.get_volume() / pair.initial.get_volume() - 1) > 0.01  # the reference cell moved
+    truth = StillingerWeber(**TRUTH)
+    ev = evaluate(truth, [pair, *make_sw_pairs(1)], fmax=1e-4)
+    cell_row, fixed_row = ev.rows
+    assert cell_row["name"] == "si8_cell" and cell_row["dq"] < 1e-2
+    assert abs(cell_row["volume_error"]) < 1e-3 and cell_row["strain_max"] < 1e-3
+    assert "volume_error" not in fixed_row and fixed_row["dq"] < 1e-3
+    assert ev.metrics["n_cell_relaxed"] == 1 and ev.metrics["volume_error_abs_mean"] < 1e-3
+    # the same pair relaxed at its initial cell lands far from the reference: the cell must be free
+    fixed = evaluate(truth, [dataclasses.replace(pair, relax_cell=False)], fmax=1e-4)
+    assert fixed.rows[0]["dq"] > 20 * cell_row["dq"] and "n_cell_relaxed" not in fixed.metrics
+    # the untuned SW has another lattice constant: a volume error shows
+    other = evaluate(StillingerWeber(), [pair], fmax=1e-4)
+    assert abs(other.rows[0]["volume_error"]) > 5e-3
+
+
+def test_cell_errors_of_a_known_strain():
+    cell = np.diag([5.0, 5.0, 5.0])
+    errors = cell_errors(cell @ np.diag([1.01, 1.0, 1.0]), cell)
+    assert errors["volume_error"] == pytest.approx(0.01) and errors["strain_max"] == pytest.approx(0.01)
+    shear = np.array([[1.0, 0.02, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    errors = cell_errors(cell @ shear, cell)
+    assert errors["volume_error"] == pytest.approx(0.0, abs=1e-12) and errors["strain_max"] == pytest.approx(0.01)
 
 
 def test_summarize_counts_blowups_as_failures():

@@ -7,6 +7,11 @@ basin match rate (max displacement < 0.1 Å), converged rate, steps; per-structu
 error where the dataset has a DFT energy (model and DFT total energies; their difference includes any constant
 reference offset between the two, so compare errors between models, not to zero).
 
+Pairs whose reference relaxed the cell too (``pair.relax_cell``, e.g. the shipped crystals) relax with the cell
+free (FrechetCellFilter coordinates, same ``fmax`` on the cell rows, as the reference's ASE filter); their rows
+add the cell error: ``volume_error`` (V_model / V_DFT - 1) and ``strain_max`` (largest entry of the symmetric
+strain that takes the DFT cell to the model's). Positions are compared in the model's relaxed cell.
+
 ``start="relaxed"`` relaxes from the DFT-relaxed structure instead: the model slides into its own nearest
 minimum, and Dq then measures how far that minimum lies from DFT's, free of which path or basin a relaxation
 from the initial structure happens to take (a diagnostic of the potential, not of the relaxation).
@@ -81,6 +86,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "n_blew_up": sum(bool(r.get("blew_up")) for r in rows),
     }
     errs = [r["energy_error_per_atom"] for r in rows if r.get("energy_error_per_atom") is not None]
+    cell_rows = [r for r in rows if "volume_error" in r]
+    if cell_rows:
+        out["n_cell_relaxed"] = len(cell_rows)
+        out["volume_error_abs_mean"] = _mean([abs(r["volume_error"]) for r in cell_rows if r["volume_error"] is not None])
+        out["strain_max_mean"] = _mean([r["strain_max"] for r in cell_rows])
     if errs:
         out["energy_error_per_atom_mean"] = _mean(errs)
         out["energy_mae_per_atom"] = _mean([abs(e) for e in errs])
@@ -88,8 +98,29 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _chunks(items: Sequence, size: int) -> list[Sequence]:
+    """Consecutive chunks of at most ``size`` pairs that agree on ``relax_cell`` (one relaxation call each);
+    the order of ``items`` is kept."""
     size = max(1, int(size))
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    chunks: list[list] = []
+    for item in items:
+        if chunks and len(chunks[-1]) < size and _cell_free(chunks[-1][0]) == _cell_free(item):
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    return chunks
+
+
+def _cell_free(pair) -> bool:
+    return bool(getattr(pair, "relax_cell", False))
+
+
+def cell_errors(cell: np.ndarray, reference_cell: np.ndarray) -> dict[str, float]:
+    """Volume error (relative) and the largest entry of the symmetric strain taking ``reference_cell`` to
+    ``cell`` (row vectors: cell = reference_cell @ F, strain = (F + F^T) / 2 - I)."""
+    deformation = np.linalg.solve(reference_cell, cell)
+    strain = 0.5 * (deformation + deformation.T) - np.eye(3)
+    volume_error = abs(np.linalg.det(cell)) / abs(np.linalg.det(reference_cell)) - 1.0
+    return {"volume_error": float(volume_error), "strain_max": float(np.abs(strain).max())}
 
 
 def evaluate(
@@ -112,7 +143,8 @@ def evaluate(
 
     dtype = dtype or model_dtype(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    config = RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps)
+    configs = {free: RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=free)
+               for free in (False, True)}
     rows: list[dict[str, Any]] = []
     chunks = _chunks(list(pairs), batch_size)
     bar = None
@@ -125,7 +157,7 @@ def evaluate(
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():
-            result = relax(model, batch, config, grad_mode="none")
+            result = relax(model, batch, configs[_cell_free(chunk[0])], grad_mode="none")
         final = result.batch.replace(positions=result.batch.positions.detach())
         with torch.no_grad():
             dq = losses.dq(final, reference)
@@ -155,6 +187,9 @@ def evaluate(
                     (e_model - e_dft) / len(pair.initial) if (e_model is not None and e_dft is not None) else None
                 ),
             }
+            if _cell_free(pair):
+                errors = cell_errors(final.cell[k].detach().cpu().double().numpy(), pair.final.cell.array)
+                row.update(errors if not bad else {key: None for key in errors})
             rows.append(row)
         if bar is not None:
             bar.update(len(chunk))

@@ -16,10 +16,12 @@ from ase.io import read, write
 from relaxtune.data import load_pairs
 from relaxtune.data.builders import rattle
 from relaxtune.data.generate import (
+    CELL_RELAX_MIN_ECUT,
     DEFAULT_PSEUDO_DIR,
     GenerateError,
     GenerateSettings,
     choose_pseudopotentials,
+    cutoff_warning,
     generate,
     is_pbe,
     partial_path,
@@ -135,6 +137,43 @@ def test_partial_file_of_another_structure_is_discarded(tmp_path):
     (result,) = generate(_cu(1), tmp_path, EMT_SETTINGS)
     assert "resumed_at_step" not in result
     np.testing.assert_allclose(read(tmp_path / "cu_0.extxyz", index=0).positions, _cu(1)[0].positions, atol=1e-7)
+
+
+def test_a_finished_file_at_another_level_warns_and_is_kept(tmp_path):
+    generate(_cu(1), tmp_path, EMT_SETTINGS)
+    assert read(tmp_path / "cu_0.extxyz", index=0).info["level"] == "emt"
+    stamp = (tmp_path / "cu_0.extxyz").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="exists at level 'emt', not 'sw'"):
+        assert generate(_cu(1), tmp_path, GenerateSettings(calculator="sw", fmax=0.02)) == []
+    assert (tmp_path / "cu_0.extxyz").stat().st_mtime_ns == stamp
+
+
+def test_partial_frames_at_another_level_restart_cleanly(tmp_path):
+    structures = _cu(1, stdev=0.15)
+    with pytest.raises(_Interrupt):
+        generate(structures, tmp_path, EMT_SETTINGS, calculator_factory=_interrupting_factory(after=4))
+    assert read(partial_path(tmp_path, "cu_0"), index=0).info["level"] == "emt"
+    frames = read(partial_path(tmp_path, "cu_0"), index=":")
+    frames[0].info["level"] = "GPAW 26.7.0 PBE PW300 kpts=auto FD0.05"  # as if begun at another level
+    write(partial_path(tmp_path, "cu_0"), frames, format="extxyz")
+    (result,) = generate(structures, tmp_path, EMT_SETTINGS)
+    assert result["status"] == "converged" and "resumed_at_step" not in result
+
+
+def test_cutoff_warning_for_cell_relaxations_with_first_row_elements():
+    diamond, silicon = bulk("C", "diamond", a=3.57), bulk("Si", "diamond", a=5.47)
+    diamond.info["name"], silicon.info["name"] = "C_0", "Si_0"
+    low = GenerateSettings(calculator="gpaw", relax_cell=True, ecut=300.0)
+    message = cutoff_warning([silicon, diamond], low)
+    assert "'C_0'" in message and "500 eV" in message and "with C" in message
+    assert cutoff_warning([silicon], low) is None  # Si's pressure is converged at 300 eV
+    assert cutoff_warning([diamond], GenerateSettings(calculator="gpaw", relax_cell=True, ecut=500.0)) is None
+    assert cutoff_warning([diamond], GenerateSettings(calculator="gpaw", ecut=300.0)) is None  # fixed cell
+    assert cutoff_warning([diamond], GenerateSettings(calculator="emt", relax_cell=True)) is None  # no basis set
+    bn = bulk("BN", "zincblende", a=3.615)
+    bn.info["name"] = "BN_0"
+    assert f"{CELL_RELAX_MIN_ECUT['N']:g} eV" in cutoff_warning([bn], GenerateSettings(calculator="espresso",
+                                                                                        relax_cell=True, ecut=500.0))
 
 
 def test_failing_structure_is_recorded_and_the_others_go_on(tmp_path):

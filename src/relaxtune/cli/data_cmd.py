@@ -53,7 +53,7 @@ def generate_cmd(
     relax_cell: bool = typer.Option(False, "--relax-cell", help="Relax the cell too (ASE FrechetCellFilter)."),
     max_steps: int = typer.Option(300, min=1, help="Most optimizer steps per structure."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry structures that have a NAME.failed.json."),
-    ecut: float = typer.Option(300.0, min=1.0, help="Plane-wave cutoff, eV (gpaw, espresso)."),
+    ecut: float = typer.Option(300.0, min=1.0, help="Plane-wave cutoff, eV (gpaw, espresso). 300 suits Si, Ge, Al, P, Ga, As; a cell relaxation with C needs 500, with B or N 700 (a warning says so)."),
     kpts: str = typer.Option("auto", help="auto (Γ for ≥ 32 atoms, else density 3.5 Å, Γ-centred) | gamma | density:X."),
     pseudo_dir: Optional[Path] = typer.Option(None, help="espresso: folder of UPF files (default $ESPRESSO_PSEUDO "
                                               "or /usr/share/espresso/pseudo)."),

@@ -91,12 +91,14 @@ def evaluate_command(
     metrics = dict(result.metrics)
     metrics.update({"data": data, "split": split, "model": model})
     keys = ("n", "dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
-            "steps_mean")
+            "steps_mean", "volume_error_abs_mean", "strain_max_mean")
     for r in result.rows:
         dq = "blew up" if r["dq"] is None else f"Dq {r['dq']:.4f}  max {r['max_disp']:.4f} Å"
+        if r.get("volume_error") is not None:
+            dq += f"  dV/V {100 * r['volume_error']:+.2f}%"
         typer.echo(f"  {r['name']:<24} {r['group']:<14} {dq}  steps {r['steps']}"
                    f"{'' if r['converged'] else '  (not converged)'}", err=True)
-    typer.echo(json.dumps({k: metrics[k] for k in keys}, indent=2))
+    typer.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     if json_path is not None:
         from relaxtune.train.checkpoint import atomic_write_text
 
