@@ -287,3 +287,88 @@ def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(t
     combined, n_ok, _ = trainer._combined_loss(pairs, EpochStats())
     structure, _, _ = trainer._structure_loss(pairs, EpochStats())
     assert n_ok == 2 and combined == pytest.approx(structure, rel=1e-9)
+
+
+def _cell_relaxation_frames():
+    """A strained Si8 relaxed with the cell free by the reference SW: frames with energy, forces and stress."""
+    import numpy as np
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from relaxtune.data import RelaxationPair
+    from relaxtune.potentials.base import energy_and_forces
+    from relaxtune.relax import RelaxConfig, relax
+    from relaxtune.state import Batch
+    from swdata import TRUTH
+
+    truth = StillingerWeber(**TRUTH)
+    start = bulk("Si", "diamond", a=5.43, cubic=True)
+    start.rattle(0.05, seed=4)
+    start.set_cell(start.cell.array @ np.diag([1.03, 0.98, 1.01]), scale_atoms=True)
+    result = relax(truth, Batch.from_atoms([start], dtype=torch.float64), RelaxConfig(fmax=1e-5, max_steps=2000,
+                                                                                      relax_cell=True))
+    frames = []
+    for atoms in (start, result.batch.to_atoms()[0]):
+        batch = Batch.from_atoms([atoms], dtype=torch.float64)
+        ef = energy_and_forces(truth, batch, truth.prepare(batch), compute_stress=True)
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(frame, energy=float(ef.energy[0]), forces=ef.forces.numpy(),
+                                           stress=ef.stress[0].numpy())
+        frames.append(frame)
+    pair = RelaxationPair(name="si8_cell", group="cell", initial=frames[0], final=frames[-1],
+                          energy_final=frames[-1].get_potential_energy(), trajectory=frames, relax_cell=True)
+    return pair, frames
+
+
+def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_path):
+    import numpy as np
+    from ase.units import GPa
+
+    from relaxtune.calculator import RelaxtuneCalculator
+
+    pair, frames = _cell_relaxation_frames()
+    assert abs(frames[0].get_stress()).max() / GPa > 1.0  # the strained start is under a stress of GPa
+    terms = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=weight)
+        trainer = Trainer(cfg, [pair], [], tmp_path / str(weight), progress=False)
+        terms[weight] = trainer._frame_terms(frames[-1], frames)
+    model_stress = []
+    for frame in frames:  # the untuned SW's stress, through ASE
+        atoms = frame.copy()
+        atoms.calc = RelaxtuneCalculator(StillingerWeber().double())
+        model_stress.append(atoms.get_stress(voigt=False))
+    expected = [np.mean(((s - f.get_stress(voigt=False)) / GPa) ** 2) for s, f in zip(model_stress, frames)]
+    np.testing.assert_allclose((terms[1.0] - terms[0.0]).detach().numpy(), expected, rtol=1e-6)
+    assert min(expected) > 0.1  # GPa^2: the untuned SW has another lattice constant
+    # d(stress term)/d(sigma): autograd against a central finite difference
+    cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=1.0, energy_weight=0.0,
+                      force_weight=0.0)
+    trainer = Trainer(cfg, [pair], [], tmp_path / "fd", progress=False)
+    sigma = trainer.model.sigma
+    loss = trainer._frame_terms(frames[-1], frames).sum()
+    (grad,) = torch.autograd.grad(loss, sigma)
+    h = 1e-6
+    with torch.no_grad():
+        values = []
+        for step in (h, -h):
+            sigma.add_(step)
+            values.append(float(trainer._frame_terms(frames[-1], frames).sum()))
+            sigma.sub_(step)
+    assert float(grad) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
+
+
+def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp_path):
+    pair, _ = _cell_relaxation_frames()
+    with pytest.raises(ValueError, match="'si8_cell'.*relaxed the cell.*--start relaxed"):
+        Trainer(TrainConfig(**SW), [pair], [], tmp_path / "a", progress=False)
+    Trainer(TrainConfig(**{**SW, "start": "relaxed"}), [pair], [], tmp_path / "b", progress=False)
+    Trainer(TrainConfig(**{**SW, "objective": "forces"}), [pair], [], tmp_path / "c", progress=False)
+
+
+def test_start_relaxed_trains_on_cell_relaxed_pairs_with_their_stress(tmp_path):
+    pair, _ = _cell_relaxation_frames()
+    cfg = TrainConfig(**{**SW, "objective": "structure+forces", "start": "relaxed"}, forces_mix=1.0, epochs=3)
+    s = finetune(cfg, [pair], [pair], tmp_path, progress=False)
+    assert s["val_after"]["dq_mean"] < s["val_before"]["dq_mean"]
+    assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]

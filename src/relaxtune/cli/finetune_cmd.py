@@ -82,6 +82,9 @@ def finetune_command(
                                   help="structure+forces (Dq + DFT frames; default) | structure (Dq) | forces (baseline)."),
     forces_mix: float = typer.Option(DEFAULTS.forces_mix, "--forces-mix", help="structure+forces: weight of the DFT-frame "
                                      "energy/force MSE against Dq."),
+    stress_weight: float = typer.Option(DEFAULTS.stress_weight, "--stress-weight", min=0.0,
+                                        help="Weight of the stress MSE (GPa^2) on DFT frames that carry a stress "
+                                        "(cell relaxations), next to forces (1) and energies (1)."),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
                                  "divided by the pretrained model's Dq of each training structure)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
@@ -135,7 +138,8 @@ def finetune_command(
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             embedding_lr=embedding_lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
-            seed=seed, dtype=dtype, forces_mix=forces_mix, start=start, val_start=val_start, dq_scale=dq_scale,
+            seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight, start=start,
+            val_start=val_start, dq_scale=dq_scale,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None

@@ -79,7 +79,10 @@ DATASETS: dict[str, BuiltinDataset] = {
                     "(64 sites) at a = 5.469 Å, defect at the origin site, positions rattled by a normal "
                     "distribution of 0.05 Å (numpy default_rng(seed), seeds 1, 2, 3): "
                     "relaxtune.data.builders.build_si_defects()"),
-        settings="Γ point only, fixed cell",
+        settings=("Γ point only, fixed cell. Caveat: 300 eV is the reference cutoff for all species, but it is not "
+                  "converged for first-row dopants (B, C, N): on the 300 eV-relaxed sub_N_1, forces at 700 eV differ "
+                  "by up to 0.26 eV/Å (on a Si atom bonded to N; mean 0.04 eV/Å over all atoms), so their "
+                  "relaxed N-Si bonds are those of the 300 eV level, not of converged PBE"),
         regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py si-defects --jobs 2",
                     "# or, with the CLI:",
                     "relaxtune data build si-defects --out si-defects.extxyz",

@@ -45,7 +45,8 @@ class TrainConfig:
     ``min_delta`` (0 = never stop early).
     ``objective="forces"``: the conventional baseline, MSE of forces and of relative energies
     (E_frame - E_last frame, per atom) on every DFT trajectory frame of the same training structures,
-    ``force_weight`` / ``energy_weight``; each optimizer step sees all frames of ``batch_size`` structures, so
+    ``force_weight`` / ``energy_weight``, plus ``stress_weight`` times the MSE of the stress in GPa (CHGNet's
+    own fine-tuning weights: 1, 1, 0.1) on frames that carry a DFT stress (cell relaxations); each optimizer step sees all frames of ``batch_size`` structures, so
     both objectives take the same number of optimizer steps per epoch (the same budget).
     ``objective="structure+forces"``: Dq plus ``forces_mix`` times each structure's mean energy/force loss over
     its DFT frames (both averaged over structures).
@@ -91,6 +92,7 @@ class TrainConfig:
     # loss (forces objective)
     force_weight: float = 1.0
     energy_weight: float = 1.0
+    stress_weight: float = 0.1  # per GPa^2, on frames with a DFT stress
     frame_chunk: int = 8
     forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
     # validation / stopping

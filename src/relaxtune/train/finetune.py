@@ -154,6 +154,33 @@ def _frames(pair) -> list:
     return out
 
 
+def _stress(atoms) -> np.ndarray | None:
+    """The DFT stress of a frame as a 3x3 array (eV/Å^3), or None when it has none."""
+    calc = getattr(atoms, "calc", None)
+    stress = calc.results.get("stress") if calc is not None and hasattr(calc, "results") else None
+    if stress is None or not np.all(np.isfinite(stress)):
+        return None
+    stress = np.asarray(stress, dtype=float)
+    if stress.shape == (6,):
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        stress = voigt_6_to_full_3x3_stress(stress)
+    return stress
+
+
+def check_cell_pairs(pairs: Sequence, config: TrainConfig) -> None:
+    """Training relaxes with the cell fixed. From the DFT-relaxed structure that is the reference's own cell
+    (Dq of the positions in it; the stress enters through the DFT frames); from the initial structure of a
+    cell relaxation it would compare positions in two different cells, so that is an error."""
+    if config.objective == "forces" or config.start != "initial":
+        return
+    for pair in pairs:
+        if getattr(pair, "relax_cell", False):
+            raise ValueError(f"structure {pair.name!r}: its reference relaxed the cell, and training relaxes from "
+                             "the initial structure with the cell fixed; use --start relaxed (positions at the DFT "
+                             "cell, stress from the DFT frames) or --objective forces")
+
+
 class Trainer:
     """Fine-tunes ``config.model`` on ``train`` pairs, validating on ``val`` pairs, writing into ``out_dir``."""
 
@@ -162,6 +189,7 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("no training structures")
         self.config = config
+        check_cell_pairs(list(train), config)
         self.train = list(train)
         self.train_species = sorted({s for p in self.train for s in p.initial.get_chemical_symbols()})
         self.val = list(val)
@@ -308,18 +336,26 @@ class Trainer:
         return chunks
 
     def _frame_terms(self, ref, frames: list) -> torch.Tensor:
-        """Energy/force loss of each DFT frame (len(frames),), with the graph: MSE of the forces and squared
-        error of the energy relative to the relaxed frame ``ref``, per atom."""
+        """Energy/force(/stress) loss of each DFT frame (len(frames),), with the graph: MSE of the forces,
+        squared error of the energy relative to the relaxed frame ``ref`` per atom, and, where every frame
+        carries a DFT stress (a cell relaxation), ``stress_weight`` x the MSE of the stress in GPa."""
         c = self.config
         structures = [ref] + list(frames)
+        stresses = [_stress(a) for a in frames]
+        with_stress = c.stress_weight > 0 and all(st is not None for st in stresses)
         batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
-        ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True)
+        ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True,
+                               compute_stress=with_stress)
         e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
         f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
                              device=self.device)
         e_term = ((ef.energy[1:] - ef.energy[0]) - (e_dft[1:] - e_dft[0])) ** 2 / float(len(ref)) ** 2
         f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
-        return c.energy_weight * e_term + c.force_weight * f_per[1:]
+        terms = c.energy_weight * e_term + c.force_weight * f_per[1:]
+        if with_stress:
+            s_dft = torch.tensor(np.stack(stresses), dtype=self.dtype, device=self.device)
+            terms = terms + c.stress_weight * losses.stress_loss(ef.stress[1:], s_dft)
+        return terms
 
     def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
         """Baseline: MSE of forces and relative energies over every DFT frame of ``pairs`` (chunks, grad

@@ -70,6 +70,14 @@ def max_displacement(batch: Batch, reference_positions: torch.Tensor) -> torch.T
     return per_system_max(_safe_sqrt((d * d).sum(-1)), batch.system_idx, batch.n_systems)
 
 
+def stress_loss(stress: torch.Tensor, reference_stress: torch.Tensor) -> torch.Tensor:
+    """Mean squared stress error per structure (n_systems,), GPa^2, from (n_systems, 3, 3) stresses in eV/Å^3."""
+    from ase.units import GPa
+
+    err = (stress - reference_stress.to(stress.dtype)) / GPa
+    return (err * err).mean(dim=(-2, -1))
+
+
 def energy_loss(energy: torch.Tensor, reference_energy: torch.Tensor, n_atoms: torch.Tensor) -> torch.Tensor:
     """Squared energy error per atom per structure (n_systems,), (eV/atom)^2. NaN references count 0."""
     err = (energy - reference_energy.to(energy.dtype)) / n_atoms.to(energy.dtype)
