@@ -1,7 +1,8 @@
 """Tables of docs/results.md ("Update, 2026-12-01: what generalises to unseen defect types") from eval/ next to
 this file: ``python tables.py [RUN ...]`` prints Dq per structure, the mean, the geometric mean of the ratio to
 pretrained CHGNet (``PRE``) and how many structures got better, for each structure set; ``--groups`` prints
-the summary table (per-set means and geo-mean ratios) and the data-efficiency table."""
+the summary table (per-set means and geo-mean ratios) and the data-efficiency table; ``--procedures`` the
+same summary with the models relaxed by gradient descent (``eval/RUN_SET_gd.json``) instead of FIRE."""
 import sys
 from pathlib import Path
 
@@ -11,16 +12,17 @@ from evaltables import compare, load, print_tables  # noqa: E402
 EVAL = Path(__file__).resolve().parent / "eval"
 SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
         "new": "structures that arrived after M1 (vacancy_3, sub_B_3, sub_P_3: training types; sub_Sb_2: test)"}
-RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "E2", "C1", "C2", "W0.5", "SOUP", "D5n", "D2n"]
+RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "RGD", "RHY", "E2", "C1", "C2", "W0.5", "SOUP", "D5n",
+        "D2n"]
 TEST = ("sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
 D2_TYPES = ("vacancy", "sub_B")
 D5_TYPES = ("vacancy", "sub_B", "int_T", "int_split110", "sub_Al")
 
 
-def rows(run: str) -> dict[str, float]:
+def rows(run: str, start: str = "ini") -> dict[str, float]:
     out: dict[str, float] = {}
     for which in SETS:
-        out.update(load(EVAL, run, which, "ini"))
+        out.update(load(EVAL, run, which, start))
     return out
 
 
@@ -33,8 +35,8 @@ def group(names: list[str], run: dict[str, float], base: dict[str, float]) -> st
     return f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{n}"
 
 
-def groups(runs: list[str]) -> None:
-    base = rows("PRE")
+def groups(runs: list[str], start: str = "ini", efficiency: bool = True) -> None:
+    base = rows("PRE", start)
     kind = lambda n: n.rsplit("_", 1)[0]  # noqa: E731
     seen = [n for n in base if kind(n) not in ("int_H", "As_V") + TEST]
     unseen = [n for n in base if n not in seen]
@@ -43,9 +45,11 @@ def groups(runs: list[str]) -> None:
           + ") | test types only (" + str(len(test)) + ") |")
     print("|---|---|---|---|")
     for r in runs:
-        v = rows(r)
+        v = rows(r, start)
         if v:
             print(f"| {r} | {group(seen, v, base)} | {group(unseen, v, base)} | {group(test, v, base)} |")
+    if not efficiency:
+        return
     print("\n| run | trained types | their new structures: mean Dq (change), geo-mean ratio | same structures, M1 |")
     print("|---|---|---|---|")
     m1 = rows("M1")
@@ -55,7 +59,12 @@ def groups(runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    named = [r for r in sys.argv[1:] if not r.startswith("--")]
     if "--groups" in sys.argv:
-        groups([r for r in sys.argv[1:] if r != "--groups"] or RUNS)
+        groups(named or RUNS)
+    elif "--procedures" in sys.argv:
+        for start, how in (("ini", "FIRE (the default)"), ("gd", "gradient descent")):
+            print(f"\nrelaxed with {how}, fmax 0.02, against pretrained CHGNet relaxed the same way\n")
+            groups(named or ["SF", "SFs1"], start, efficiency=False)
     else:
-        print_tables(EVAL, SETS, sys.argv[1:] or RUNS)
+        print_tables(EVAL, {**SETS, "h3": "int_H_3 (unseen type, arrived after the runs)"}, named or RUNS)

@@ -20,9 +20,9 @@ class TrainConfig:
     model's own minimum next to each DFT structure (training relaxations start at the DFT-relaxed structure),
     each structure's Dq divided by the pretrained model's, plus the energy/force error on every DFT frame of the
     same structures (``structure+forces``), AdamW lr 1e-3 for 20 epochs. On new structures of the trained defect
-    types that recipe lowered mean Dq from the initial structures by 35 ± 5% (2 seeds; Dq alone 30 ± 3%); on
-    defect types it never saw by 4 ± 2%, where Dq alone was 6 ± 4% worse: the DFT frames hold the potential
-    energy surface along the whole path in place, which the relaxed end point alone does not.
+    types that recipe lowered mean Dq from the initial structures by 34 ± 5% (3 seeds; Dq alone 30 ± 3%); on
+    defect types it never saw it was neutral (−1 ± 5%), where Dq alone was 6 ± 4% worse: the DFT frames hold the
+    potential energy surface along the whole path in place, which the relaxed end point alone does not.
 
     Relaxation used in training: ``optimizer`` ("fire" | "gd") for at most ``steps`` steps to ``fmax``;
     ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
