@@ -87,9 +87,10 @@ def test_cell_relaxed_pairs_relax_the_cell_and_report_its_error():
     # the same pair relaxed at its initial cell lands far from the reference: the cell must be free
     fixed = evaluate(truth, [dataclasses.replace(pair, relax_cell=False)], fmax=1e-4)
     assert fixed.rows[0]["dq"] > 20 * cell_row["dq"] and "n_cell_relaxed" not in fixed.metrics
-    # the untuned SW has another lattice constant: a volume error shows
+    # the untuned SW has another lattice constant: the volume error shows it, and Dq, which compares the atoms'
+    # arrangement in the DFT cell, does not (relaxed diamond Si has no free internal coordinate)
     other = evaluate(StillingerWeber(), [pair], fmax=1e-4)
-    assert abs(other.rows[0]["volume_error"]) > 5e-3
+    assert abs(other.rows[0]["volume_error"]) > 5e-3 and other.rows[0]["dq"] < 0.05
 
 
 def test_cell_errors_of_a_known_strain():
