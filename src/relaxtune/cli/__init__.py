@@ -28,21 +28,43 @@ def _register() -> None:
                 raise
 
 
+def _usage_error_types() -> tuple[type, ...]:
+    """The exception classes of command-line usage errors (bad option values, unknown options): typer's own
+    (typer >= 0.16 vendors click) and click's, when click is installed."""
+    import importlib
+
+    found = []
+    for module, name in (("typer", "TyperException"), ("click.exceptions", "ClickException")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line read as one line, without the source line that raised them."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     _register()
+    usage_errors = _usage_error_types()
     try:
         app(standalone_mode=False)
     except UserInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except usage_errors as exc:
+        if hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
-            typer.echo("aborted", err=True)
-            sys.exit(130)
-        raise
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
