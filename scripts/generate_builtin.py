@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from relaxtune.data.builders import build_crystals, build_si_defects
-from relaxtune.data.generate import CELL_RELAX_MIN_ECUT, GenerateSettings, generate
+from relaxtune.data.generate import GenerateSettings, cell_relax_min_ecut, generate
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "relaxtune" / "data" / "builtin"
 
@@ -52,7 +52,7 @@ def crystal_jobs(structures):
     structure's first-row elements need (B, C, N: ``CELL_RELAX_MIN_ECUT``)."""
     groups = []
     for atoms in structures:
-        ecut = max([300.0] + [CELL_RELAX_MIN_ECUT.get(el, 0.0) for el in set(atoms.get_chemical_symbols())])
+        ecut = max(300.0, cell_relax_min_ecut(atoms)[0])
         if groups and groups[-1][1].ecut == ecut:
             groups[-1][0].append(atoms)
         else:

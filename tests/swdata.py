@@ -66,3 +66,32 @@ def write_sw_dataset(directory, n: int = 6, seed: int = 0, splits: dict | None =
         splits = {"train": groups[: n - 2], "val": groups[n - 2: n - 1], "test": groups[n - 1:]}
     (directory / "splits.json").write_text(json.dumps(splits))
     return pairs
+
+
+def make_cell_relaxation(vacancy: bool = False, seed: int = 4) -> tuple[RelaxationPair, list]:
+    """A strained, rattled Si8 (Si15 with a vacancy: atoms whose relaxed positions depend on the potential)
+    relaxed with the cell free by the reference SW: the pair and its two frames (initial, relaxed), each with
+    energy, forces and stress."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    truth = StillingerWeber(**TRUTH)
+    start = bulk("Si", "diamond", a=5.43, cubic=True)
+    if vacancy:
+        start = start * (2, 1, 1)
+        del start[0]
+    start.rattle(0.05, seed=seed)
+    start.set_cell(start.cell.array @ np.diag([1.03, 0.98, 1.01]), scale_atoms=True)
+    result = relax(truth, Batch.from_atoms([start], dtype=torch.float64),
+                   RelaxConfig(fmax=1e-5, max_steps=2000, relax_cell=True))
+    assert bool(result.converged[0])
+    frames = []
+    for atoms in (start, result.batch.to_atoms()[0]):
+        batch = Batch.from_atoms([atoms], dtype=torch.float64)
+        ef = energy_and_forces(truth, batch, truth.prepare(batch), compute_stress=True)
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(frame, energy=float(ef.energy[0]), forces=ef.forces.numpy(),
+                                           stress=ef.stress[0].numpy())
+        frames.append(frame)
+    pair = RelaxationPair(name="si8_cell", group="cell", initial=frames[0], final=frames[-1],
+                          energy_final=frames[-1].get_potential_energy(), trajectory=frames, relax_cell=True)
+    return pair, frames

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from swdata import TRUTH, make_sw_pairs
+from swdata import TRUTH, make_cell_relaxation, make_sw_pairs
 
 from relaxtune.data import RelaxationPair
 from relaxtune.evaluate import BASIN_TOLERANCE, cell_errors, evaluate, summarize
@@ -52,30 +52,10 @@ def test_start_relaxed_measures_the_offset_of_the_models_own_minimum():
         evaluate(model, pairs, start="halfway")
 
 
-def _cell_relaxed_sw_pair() -> RelaxationPair:
-    """A strained, rattled Si8 and its cell relaxation with the reference SW (the 'DFT' of these tests)."""
-    import dataclasses
-
-    from ase.build import bulk
-
-    from relaxtune.relax import RelaxConfig, relax
-    from relaxtune.state import Batch
-
-    a = bulk("Si", "diamond", a=5.43, cubic=True)
-    a.rattle(0.05, seed=3)
-    a.set_cell(a.cell.array @ np.diag([1.03, 0.98, 1.01]), scale_atoms=True)
-    r = relax(StillingerWeber(**TRUTH), Batch.from_atoms([a], dtype=torch.float64),
-              RelaxConfig(fmax=1e-5, max_steps=2000, relax_cell=True))
-    assert bool(r.converged[0])
-    pair = make_sw_pairs(1)[0]
-    return dataclasses.replace(pair, name="si8_cell", group="cell", initial=a, final=r.batch.to_atoms()[0],
-                               energy_final=float(r.energy[0]), relax_cell=True)
-
-
 def test_cell_relaxed_pairs_relax_the_cell_and_report_its_error():
     import dataclasses
 
-    pair = _cell_relaxed_sw_pair()
+    pair, _ = make_cell_relaxation(seed=3)
     assert abs(pair.final.get_volume() / pair.initial.get_volume() - 1) > 0.01  # the reference cell moved
     truth = StillingerWeber(**TRUTH)
     ev = evaluate(truth, [pair, *make_sw_pairs(1)], fmax=1e-4)

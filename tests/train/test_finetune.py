@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from swdata import make_cell_relaxation
 
 from relaxtune.potentials.classical import StillingerWeber
 from relaxtune.train.config import TrainConfig
@@ -289,48 +290,13 @@ def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(t
     assert n_ok == 2 and combined == pytest.approx(structure, rel=1e-9)
 
 
-def _cell_relaxation_frames(vacancy: bool = False):
-    """A strained Si8 (Si15 with a vacancy: atoms whose relaxed positions depend on the potential) relaxed with
-    the cell free by the reference SW: frames with energy, forces and stress."""
-    import numpy as np
-    from ase.build import bulk
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    from relaxtune.data import RelaxationPair
-    from relaxtune.potentials.base import energy_and_forces
-    from relaxtune.relax import RelaxConfig, relax
-    from relaxtune.state import Batch
-    from swdata import TRUTH
-
-    truth = StillingerWeber(**TRUTH)
-    start = bulk("Si", "diamond", a=5.43, cubic=True)
-    if vacancy:
-        start = start * (2, 1, 1)
-        del start[0]
-    start.rattle(0.05, seed=4)
-    start.set_cell(start.cell.array @ np.diag([1.03, 0.98, 1.01]), scale_atoms=True)
-    result = relax(truth, Batch.from_atoms([start], dtype=torch.float64), RelaxConfig(fmax=1e-5, max_steps=2000,
-                                                                                      relax_cell=True))
-    frames = []
-    for atoms in (start, result.batch.to_atoms()[0]):
-        batch = Batch.from_atoms([atoms], dtype=torch.float64)
-        ef = energy_and_forces(truth, batch, truth.prepare(batch), compute_stress=True)
-        frame = atoms.copy()
-        frame.calc = SinglePointCalculator(frame, energy=float(ef.energy[0]), forces=ef.forces.numpy(),
-                                           stress=ef.stress[0].numpy())
-        frames.append(frame)
-    pair = RelaxationPair(name="si8_cell", group="cell", initial=frames[0], final=frames[-1],
-                          energy_final=frames[-1].get_potential_energy(), trajectory=frames, relax_cell=True)
-    return pair, frames
-
-
 def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_path):
     import numpy as np
     from ase.units import GPa
 
     from relaxtune.calculator import RelaxtuneCalculator
 
-    pair, frames = _cell_relaxation_frames()
+    pair, frames = make_cell_relaxation()
     assert abs(frames[0].get_stress()).max() / GPa > 1.0  # the strained start is under a stress of GPa
     terms = {}
     for weight in (0.0, 1.0):
@@ -362,8 +328,29 @@ def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_
     assert float(grad) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
 
 
+def test_a_stress_on_the_relaxed_frame_only_enters_that_frame(tmp_path):
+    """A fixed-cell dataset may carry the DFT stress of its relaxed frame alone: that frame gets the stress
+    term, the others keep their energy/force terms unchanged."""
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    pair, frames = make_cell_relaxation()
+    start = frames[0].copy()
+    start.calc = SinglePointCalculator(start, energy=frames[0].get_potential_energy(), forces=frames[0].get_forces())
+    mixed = [start, frames[1]]
+    terms = {}
+    for weight in (0.0, 1.0):
+        cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=weight)
+        trainer = Trainer(cfg, [pair], [], tmp_path / str(weight), progress=False)
+        terms[weight] = trainer._frame_terms(frames[-1], mixed).detach().numpy()
+        full = trainer._frame_terms(frames[-1], frames).detach().numpy()
+    diff = terms[1.0] - terms[0.0]
+    assert diff[0] == 0.0 and diff[1] > 0.1  # GPa^2: the untuned SW has another lattice constant
+    np.testing.assert_allclose(terms[1.0][1], full[1], rtol=1e-10)  # as when every frame has a stress
+
+
 def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp_path):
-    pair, _ = _cell_relaxation_frames()
+    pair, _ = make_cell_relaxation()
     with pytest.raises(ValueError, match="'si8_cell'.*relaxed the cell.*--start relaxed"):
         Trainer(TrainConfig(**SW), [pair], [], tmp_path / "a", progress=False)
     Trainer(TrainConfig(**{**SW, "start": "relaxed"}), [pair], [], tmp_path / "b", progress=False)
@@ -371,7 +358,7 @@ def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp
 
 
 def test_start_relaxed_trains_on_cell_relaxed_pairs_with_their_stress(tmp_path):
-    pair, _ = _cell_relaxation_frames(vacancy=True)
+    pair, _ = make_cell_relaxation(vacancy=True)
     cfg = TrainConfig(**{**SW, "objective": "structure+forces", "start": "relaxed"}, forces_mix=1.0, epochs=3)
     s = finetune(cfg, [pair], [pair], tmp_path, progress=False)
     assert s["val_before"]["dq_mean"] > 1e-3  # the vacancy's neighbours sit where the potential puts them

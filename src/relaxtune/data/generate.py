@@ -252,17 +252,26 @@ def make_calculator(atoms: Atoms, settings: GenerateSettings, directory: Path | 
     return getattr(importlib.import_module(module), cls)()
 
 
+def cell_relax_min_ecut(atoms: Atoms) -> tuple[float, str | None]:
+    """The lowest plane-wave cutoff (eV) at which a cell relaxation of ``atoms`` is trusted, and the element that
+    sets it (None when no element of :data:`CELL_RELAX_MIN_ECUT` is present: 0 eV)."""
+    needs = {el: CELL_RELAX_MIN_ECUT[el] for el in set(atoms.get_chemical_symbols()) if el in CELL_RELAX_MIN_ECUT}
+    if not needs:
+        return 0.0, None
+    element = max(needs, key=needs.get)
+    return needs[element], element
+
+
 def cutoff_warning(structures: list[Atoms], settings: GenerateSettings) -> str | None:
     """A one-line warning when a plane-wave cell relaxation runs below :data:`CELL_RELAX_MIN_ECUT` for an
     element of one of ``structures`` (None when the cutoff suits them all)."""
     if not settings.relax_cell or settings.calculator not in ("gpaw", "espresso"):
         return None
     for atoms in structures:
-        needs = {el: CELL_RELAX_MIN_ECUT[el] for el in set(atoms.get_chemical_symbols()) if el in CELL_RELAX_MIN_ECUT}
-        if needs and settings.ecut < max(needs.values()):
-            element = max(needs, key=needs.get)
+        needed, element = cell_relax_min_ecut(atoms)
+        if settings.ecut < needed:
             return (f"structure {atoms.info.get('name', '?')!r}: ecut {settings.ecut:g} eV is below "
-                    f"{needs[element]:g} eV, the lowest cutoff at which a cell relaxation with {element} is trusted "
+                    f"{needed:g} eV, the lowest cutoff at which a cell relaxation with {element} is trusted "
                     "(basis-set stress shrinks the cell); raise --ecut")
     return None
 

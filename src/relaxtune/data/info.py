@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from relaxtune.data.pairs import DataWarning, RelaxationPair, load_pairs, read_splits_file
+from relaxtune.data.pairs import DataWarning, RelaxationPair, frame_stress, load_pairs, read_splits_file
 from relaxtune.data.registry import DATASETS, REFERENCE_LEVEL, BuiltinDataset, parse_builtin
 from relaxtune.data.splits import SPLIT_NAMES, split_pairs
 
@@ -77,6 +77,7 @@ def summarize_pairs(pairs: list[RelaxationPair], splits: dict[str, list[str]] | 
         "max_displacement": _stats(max_disp),
         "n_with_energy": sum(1 for p in pairs if p.energy_final is not None),
         "n_with_trajectory": sum(1 for p in pairs if p.trajectory),
+        "n_with_final_stress": sum(1 for p in pairs if frame_stress(p.final) is not None),
     }
 
 
@@ -146,6 +147,8 @@ def format_info(info: dict[str, Any]) -> str:
     if st["fmax_target"]:
         lines.append(f"  fmax target: {', '.join(f'{f:g}' for f in st['fmax_target'])} eV/Å; "
                      + ", ".join(f"{k}: {v}" for k, v in st["relax_cell"].items()))
+    if info.get("n_with_final_stress"):
+        lines.append(f"  relaxed structures with a DFT stress: {info['n_with_final_stress']} of {n}")
     lines.append(f"  groups ({len(info['groups'])}): " + ", ".join(f"{g} {n}" for g, n in info["groups"].items()))
     for name, sp in info["splits"].items():
         lines.append(f"  split {name}: {sp['n_structures']} structures; groups: {', '.join(sp['groups']) or '-'}")
@@ -231,7 +234,8 @@ def datasheet(name: str) -> str:
     lines += ["", "## File format", "",
               "One extended-XYZ file per structure, `NAME.extxyz`, holding the whole relaxation: frame 0 is the "
               "initial structure, the last frame the relaxed one, every frame has its energy (eV) and forces "
-              "(eV/Å) (and stress when the cell was relaxed). Frame 0's header records `name`, `group`, `seed`, "
+              "(eV/Å), and its stress (eV/Å³) when the cell was relaxed; in a fixed-cell dataset the relaxed "
+              "frame may carry the stress of one more SCF there (see Settings). Frame 0's header records `name`, `group`, `seed`, "
               "`converged`, `n_steps`, `fmax_target`, `fmax_final`, `relax_cell`, `level`, `calculator`. "
               "`splits.json` maps each split to its groups. Load with "
               f"`relaxtune.data.load_pairs('builtin:{ds.name}')` (or `builtin:{ds.name}:train`).",

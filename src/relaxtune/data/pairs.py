@@ -104,6 +104,17 @@ def _forces(atoms: Atoms) -> np.ndarray | None:
     return atoms.arrays.get("forces")
 
 
+def frame_stress(atoms: Atoms) -> np.ndarray | None:
+    """The stress a frame carries (3x3, eV/Å^3, ASE's sign), or None when it has none or a non-finite one."""
+    try:
+        stress = atoms.get_stress(voigt=False)
+    except Exception:  # no calculator, or one without a stress
+        return None
+    if stress is None or not np.all(np.isfinite(stress)):
+        return None
+    return np.asarray(stress, dtype=float)
+
+
 def _plain_info(atoms: Atoms) -> dict[str, Any]:
     """JSON-friendly copy of a frame's header (numpy scalars made Python scalars, arrays dropped)."""
     out: dict[str, Any] = {}

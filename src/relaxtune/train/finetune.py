@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from relaxtune.data.pairs import frame_stress
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.state import Batch
 from relaxtune.train import checkpoint as ckpt
@@ -152,20 +153,6 @@ def _frames(pair) -> list:
         if e is not None and f is not None and np.all(np.isfinite(f)) and np.isfinite(e):
             out.append(a)
     return out
-
-
-def _stress(atoms) -> np.ndarray | None:
-    """The DFT stress of a frame as a 3x3 array (eV/Å^3), or None when it has none."""
-    calc = getattr(atoms, "calc", None)
-    stress = calc.results.get("stress") if calc is not None and hasattr(calc, "results") else None
-    if stress is None or not np.all(np.isfinite(stress)):
-        return None
-    stress = np.asarray(stress, dtype=float)
-    if stress.shape == (6,):
-        from ase.stress import voigt_6_to_full_3x3_stress
-
-        stress = voigt_6_to_full_3x3_stress(stress)
-    return stress
 
 
 def check_cell_pairs(pairs: Sequence, config: TrainConfig) -> None:
@@ -337,12 +324,13 @@ class Trainer:
 
     def _frame_terms(self, ref, frames: list) -> torch.Tensor:
         """Energy/force(/stress) loss of each DFT frame (len(frames),), with the graph: MSE of the forces,
-        squared error of the energy relative to the relaxed frame ``ref`` per atom, and, where every frame
-        carries a DFT stress (a cell relaxation), ``stress_weight`` x the MSE of the stress in GPa."""
+        squared error of the energy relative to the relaxed frame ``ref`` per atom, and, on frames that carry a
+        DFT stress (every frame of a cell relaxation; the relaxed frame of a fixed-cell one where it was
+        computed), ``stress_weight`` x the MSE of the stress in GPa."""
         c = self.config
         structures = [ref] + list(frames)
-        stresses = [_stress(a) for a in frames]
-        with_stress = c.stress_weight > 0 and all(st is not None for st in stresses)
+        stresses = [frame_stress(a) for a in frames]
+        with_stress = c.stress_weight > 0 and any(st is not None for st in stresses)
         batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
         ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True,
                                compute_stress=with_stress)
@@ -353,8 +341,11 @@ class Trainer:
         f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
         terms = c.energy_weight * e_term + c.force_weight * f_per[1:]
         if with_stress:
-            s_dft = torch.tensor(np.stack(stresses), dtype=self.dtype, device=self.device)
-            terms = terms + c.stress_weight * losses.stress_loss(ef.stress[1:], s_dft)
+            has = torch.tensor([st is not None for st in stresses], device=self.device)
+            s_dft = torch.tensor(np.stack([np.zeros((3, 3)) if st is None else st for st in stresses]),
+                                 dtype=self.dtype, device=self.device)
+            s_term = losses.stress_loss(ef.stress[1:], s_dft)
+            terms = terms + c.stress_weight * torch.where(has, s_term, torch.zeros_like(s_term))
         return terms
 
     def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
