@@ -12,5 +12,6 @@ def test_summary_counts_relaxed_structures_with_a_stress():
     assert frame_stress(cell_pair.final).shape == (3, 3) and frame_stress(fixed[0].final) is None
     info = summarize_pairs([cell_pair, *fixed])
     assert info["n_with_final_stress"] == 1
+    info["settings"]["level"] = {"a": 2, "b": 1}  # as in a dataset made at two levels
     text = format_info({"source": "x", **info})
     assert "relaxed structures with a DFT stress: 1 of 3" in text

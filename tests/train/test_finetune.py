@@ -349,6 +349,29 @@ def test_a_stress_on_the_relaxed_frame_only_enters_that_frame(tmp_path):
     np.testing.assert_allclose(terms[1.0][1], full[1], rtol=1e-10)  # as when every frame has a stress
 
 
+def test_fixed_cell_stress_is_fitted_only_when_asked(tmp_path):
+    """The stress on a fixed-cell relaxation's frames (the shipped Si defects' relaxed frame) stays out of the
+    loss unless ``fixed_cell_stress``; a cell relaxation's stress is always in."""
+    import dataclasses
+
+    cell_pair, _ = make_cell_relaxation()
+    fixed_pair = dataclasses.replace(cell_pair, name="fixed", relax_cell=False)
+    totals = {}
+    for opt_in in (False, True):
+        for weight in (0.0, 1.0):
+            cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=weight,
+                              fixed_cell_stress=opt_in)
+            trainer = Trainer(cfg, [cell_pair], [], tmp_path / f"{opt_in}{weight}", progress=False)
+            for pair in (cell_pair, fixed_pair):
+                totals[opt_in, weight, pair.name] = sum(
+                    float(trainer._frame_terms(ref, frames, use_stress).sum())
+                    for _, ref, frames, use_stress in trainer._frame_chunks([pair]))
+    assert totals[False, 1.0, "fixed"] == totals[False, 0.0, "fixed"]
+    assert totals[True, 1.0, "fixed"] > totals[True, 0.0, "fixed"] + 0.1
+    for opt_in in (False, True):
+        assert totals[opt_in, 1.0, "si8_cell"] > totals[opt_in, 0.0, "si8_cell"] + 0.1
+
+
 def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp_path):
     pair, _ = make_cell_relaxation()
     with pytest.raises(ValueError, match="'si8_cell'.*relaxed the cell.*--start relaxed"):

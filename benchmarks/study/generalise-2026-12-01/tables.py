@@ -2,7 +2,10 @@
 this file: ``python tables.py [RUN ...]`` prints Dq per structure, the mean, the geometric mean of the ratio to
 pretrained CHGNet (``PRE``) and how many structures got better, for each structure set; ``--groups`` prints
 the summary table (per-set means and geo-mean ratios) and the data-efficiency table; ``--procedures`` the
-same summary with the models relaxed by gradient descent (``eval/RUN_SET_gd.json``) instead of FIRE."""
+same summary with the models relaxed by gradient descent (``eval/RUN_SET_gd.json``) instead of FIRE;
+``--crystals`` the crystal tables: zero-shot volume errors (``eval/RUN_cr_ini.json``) and the crystal split
+(``eval/crystals/RUN_WHICH.json``, ``relaxtune evaluate builtin:crystals:test``, cell free)."""
+import json
 import sys
 from pathlib import Path
 
@@ -12,8 +15,11 @@ from evaltables import compare, load, print_tables  # noqa: E402
 EVAL = Path(__file__).resolve().parent / "eval"
 SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
         "new": "structures that arrived after M1 (vacancy_3, sub_B_3, sub_P_3: training types; sub_Sb_2: test)"}
-RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "RGD", "RHY", "E2", "C1", "C2", "W0.5", "SOUP", "D5n",
-        "D2n"]
+RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "RGD", "RHY", "E2", "C1", "C2", "W0.5",
+        "SOUP", "D5n", "D2n"]
+ZERO_SHOT = ["PRE", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "M1", "F2"]
+CRYSTAL_RUNS = ["PRE", "CR_best", "CR_last", "CRs1_best", "CRs1_last", "CRs2_best", "CRs2_last", "CRF_best", "CRF_last",
+                "CRFs1_best", "CRFs1_last", "CRFs2_best", "CRFs2_last"]
 TEST = ("sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
 D2_TYPES = ("vacancy", "sub_B")
 D5_TYPES = ("vacancy", "sub_B", "int_T", "int_split110", "sub_Al")
@@ -58,9 +64,29 @@ def groups(runs: list[str], start: str = "ini", efficiency: bool = True) -> None
         print(f"| {r} | {', '.join(types)} | {group(names, rows(r), base)} | {group(names, m1, base)} |")
 
 
+def crystals() -> None:
+    """Volume error per crystal (cell free), zero-shot and on the crystal split's test crystals."""
+    for title, paths in (("zero-shot (models fine-tuned on Si defects)", {r: EVAL / f"{r}_cr_ini.json" for r in ZERO_SHOT}),
+                         ("crystal split, test crystals", {r: EVAL / "crystals" / f"{r}.json" for r in CRYSTAL_RUNS})):
+        tab = {r: {x["name"]: x for x in json.loads(p.read_text())["rows"]} for r, p in paths.items() if p.exists()}
+        if not tab:
+            continue
+        names = sorted(next(iter(tab.values())))
+        print(f"\n### {title}: V_model / V_DFT - 1, then mean |dV/V| and mean Dq (fractional, DFT cell)\n")
+        print("| run | " + " | ".join(names) + " | mean abs. | mean Dq |")
+        print("|---" * (len(names) + 3) + "|")
+        for r, rows in tab.items():
+            vol = [rows[n]["volume_error"] for n in names]
+            dq = sum(rows[n]["dq"] for n in names) / len(names)
+            print(f"| {r} | " + " | ".join(f"{100 * v:+.2f}%" for v in vol)
+                  + f" | {100 * sum(map(abs, vol)) / len(vol):.2f}% | {dq:.3f} |")
+
+
 if __name__ == "__main__":
     named = [r for r in sys.argv[1:] if not r.startswith("--")]
-    if "--groups" in sys.argv:
+    if "--crystals" in sys.argv:
+        crystals()
+    elif "--groups" in sys.argv:
         groups(named or RUNS)
     elif "--procedures" in sys.argv:
         for start, how in (("ini", "FIRE (the default)"), ("gd", "gradient descent")):

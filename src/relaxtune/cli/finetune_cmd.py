@@ -85,6 +85,9 @@ def finetune_command(
     stress_weight: float = typer.Option(DEFAULTS.stress_weight, "--stress-weight", min=0.0,
                                         help="Weight of the stress MSE (GPa^2) on DFT frames that carry a stress "
                                         "(cell relaxations), next to forces (1) and energies (1)."),
+    fixed_cell_stress: bool = typer.Option(DEFAULTS.fixed_cell_stress, "--fixed-cell-stress",
+                                           help="Also fit the stress that frames of fixed-cell relaxations carry "
+                                           "(off: on the Γ-only Si defects it cost accuracy on unseen types)."),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
                                  "divided by the pretrained model's Dq of each training structure)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
@@ -138,7 +141,8 @@ def finetune_command(
             learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             embedding_lr=embedding_lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
-            seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight, start=start,
+            seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight,
+            fixed_cell_stress=fixed_cell_stress, start=start,
             val_start=val_start, dq_scale=dq_scale,
         )
     except ValueError as exc:

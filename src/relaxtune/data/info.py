@@ -148,7 +148,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  fmax target: {', '.join(f'{f:g}' for f in st['fmax_target'])} eV/Å; "
                      + ", ".join(f"{k}: {v}" for k, v in st["relax_cell"].items()))
     if info.get("n_with_final_stress"):
-        lines.append(f"  relaxed structures with a DFT stress: {info['n_with_final_stress']} of {n}")
+        lines.append(f"  relaxed structures with a DFT stress: {info['n_with_final_stress']} of {info['n_structures']}")
     lines.append(f"  groups ({len(info['groups'])}): " + ", ".join(f"{g} {n}" for g, n in info["groups"].items()))
     for name, sp in info["splits"].items():
         lines.append(f"  split {name}: {sp['n_structures']} structures; groups: {', '.join(sp['groups']) or '-'}")
@@ -197,6 +197,8 @@ def datasheet(name: str) -> str:
             lines.append(f"- Largest residual force on an atom in a relaxed structure: {info['fmax_final']['max']:.4f} eV/Å.")
         lines.append(f"- Largest atom move per structure (initial → relaxed, minimum image): median "
                      f"{info['max_displacement']['median']:.3f} Å, max {info['max_displacement']['max']:.3f} Å.")
+        if not all(p.relax_cell for p in pairs):
+            lines.append(f"- Relaxed structures that carry a DFT stress: {info['n_with_final_stress']} of {len(pairs)}.")
     lines += ["", "## Level of theory", "", f"- Reference: {REFERENCE_LEVEL}.", f"- This dataset: {ds.settings}."]
     if info:
         for level, n in info["settings"]["level"].items():

@@ -82,7 +82,15 @@ DATASETS: dict[str, BuiltinDataset] = {
         settings=("Γ point only, fixed cell. Caveat: 300 eV is the reference cutoff for all species, but it is not "
                   "converged for first-row dopants (B, C, N): on the 300 eV-relaxed sub_N_1, forces at 700 eV differ "
                   "by up to 0.26 eV/Å (on a Si atom bonded to N; mean 0.04 eV/Å over all atoms), so their "
-                  "relaxed N-Si bonds are those of the 300 eV level, not of converged PBE"),
+                  "relaxed N-Si bonds are those of the 300 eV level, not of converged PBE. Stress: the relaxed frame "
+                  "of every structure without B, C or N carries the stress of one more SCF there at the same level "
+                  "(scripts/add_final_stress.py; the energy agrees with the stored one to within 4e-5 eV), so that "
+                  "fine-tuning holds the host's pressure. Structures with B, C or N have none: at 300 eV their "
+                  "basis-set (Pulay) stress, scaled from c-BN's -129 GPa, is about 0.6 GPa per first-row atom in "
+                  "this cell, as large as the defects' own stresses. The level's own pressure of the perfect 64-atom cell at "
+                  "a = 5.469 Å is +1.10 GPa, against +0.31 GPa for the 8-atom cell at k-point density 3.5: Γ-only "
+                  "sampling adds +0.8 GPa (k-converged PBE at 300 eV relaxes bulk Si to a = 5.4755 Å: crystals "
+                  "Si_0, Si_1)"),
         regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py si-defects --jobs 2",
                     "# or, with the CLI:",
                     "relaxtune data build si-defects --out si-defects.extxyz",

@@ -313,23 +313,26 @@ class Trainer:
         loss_sum = float(torch.where(blew, torch.zeros_like(per), per).detach().sum())
         return loss_sum, n_ok, blew
 
-    def _frame_chunks(self, pairs: Sequence) -> list[tuple[int, Any, list]]:
-        """(structure index, its relaxed DFT frame, up to ``frame_chunk`` DFT frames) over ``pairs``."""
+    def _frame_chunks(self, pairs: Sequence) -> list[tuple[int, Any, list, bool]]:
+        """(structure index, its relaxed DFT frame, up to ``frame_chunk`` DFT frames, whether their stress
+        counts) over ``pairs``: the stress of a cell relaxation always, of a fixed-cell one with
+        ``fixed_cell_stress``."""
         chunks = []
         for k, pair in enumerate(pairs):
             frames = _frames(pair)
+            use_stress = bool(getattr(pair, "relax_cell", False)) or self.config.fixed_cell_stress
             for i in range(0, len(frames), self.config.frame_chunk):
-                chunks.append((k, frames[-1], frames[i:i + self.config.frame_chunk]))
+                chunks.append((k, frames[-1], frames[i:i + self.config.frame_chunk], use_stress))
         return chunks
 
-    def _frame_terms(self, ref, frames: list) -> torch.Tensor:
+    def _frame_terms(self, ref, frames: list, use_stress: bool = True) -> torch.Tensor:
         """Energy/force(/stress) loss of each DFT frame (len(frames),), with the graph: MSE of the forces,
         squared error of the energy relative to the relaxed frame ``ref`` per atom, and, on frames that carry a
         DFT stress (every frame of a cell relaxation; the relaxed frame of a fixed-cell one where it was
         computed), ``stress_weight`` x the MSE of the stress in GPa."""
         c = self.config
         structures = [ref] + list(frames)
-        stresses = [frame_stress(a) for a in frames]
+        stresses = [frame_stress(a) if use_stress else None for a in frames]
         with_stress = c.stress_weight > 0 and any(st is not None for st in stresses)
         batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
         ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True,
@@ -356,8 +359,8 @@ class Trainer:
         if n_frames == 0:
             return 0.0, 0, torch.zeros(len(pairs), dtype=torch.bool)
         total = 0.0
-        for _, ref, frames in chunks:
-            loss = self._frame_terms(ref, frames).sum()
+        for _, ref, frames, use_stress in chunks:
+            loss = self._frame_terms(ref, frames, use_stress).sum()
             if loss.requires_grad:
                 (loss / n_frames).backward()  # the mean over the batch's frames
             total += float(loss.detach())
@@ -374,11 +377,11 @@ class Trainer:
             return loss_sum, n_ok, blew
         chunks = self._frame_chunks(kept)
         per_structure = [0] * len(kept)  # frames of each structure
-        for k, _, frames in chunks:
+        for k, _, frames, _ in chunks:
             per_structure[k] += len(frames)
         mix = self.config.forces_mix
-        for k, ref, frames in chunks:
-            loss = self._frame_terms(ref, frames).sum() / per_structure[k]
+        for k, ref, frames, use_stress in chunks:
+            loss = self._frame_terms(ref, frames, use_stress).sum() / per_structure[k]
             if loss.requires_grad:
                 (loss * mix / n_ok).backward()
             loss_sum += mix * float(loss.detach())
