@@ -19,7 +19,7 @@ RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "RGD
         "SOUP", "D5n", "D2n"]
 ZERO_SHOT = ["PRE", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "M1", "F2"]
 CRYSTAL_RUNS = ["PRE", "CR_best", "CR_last", "CRs1_best", "CRs1_last", "CRs2_best", "CRs2_last", "CRF_best", "CRF_last",
-                "CRFs1_best", "CRFs1_last", "CRFs2_best", "CRFs2_last"]
+                "CRFs1_best", "CRFs1_last", "CRFs2_best", "CRFs2_last", "CRsw_best", "CRsw_last", "CRlr_best", "CRlr_last"]
 TEST = ("sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
 D2_TYPES = ("vacancy", "sub_B")
 D5_TYPES = ("vacancy", "sub_B", "int_T", "int_split110", "sub_Al")
