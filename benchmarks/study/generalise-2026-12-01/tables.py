@@ -4,7 +4,9 @@ pretrained CHGNet (``PRE``) and how many structures got better, for each structu
 the summary table (per-set means and geo-mean ratios) and the data-efficiency table; ``--procedures`` the
 same summary with the models relaxed by gradient descent (``eval/RUN_SET_gd.json``) instead of FIRE;
 ``--crystals`` the crystal tables: zero-shot volume errors (``eval/RUN_cr_ini.json``) and the crystal split
-(``eval/crystals/RUN_WHICH.json``, ``relaxtune evaluate builtin:crystals:test``, cell free)."""
+(``eval/crystals/RUN_WHICH.json``, ``relaxtune evaluate builtin:crystals:test``, cell free), and the same split
+at 87 crystals (``eval/crystals87/``: per test group, with how many test crystals each run relaxes closer in
+volume than pretrained CHGNet)."""
 import json
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ EVAL = Path(__file__).resolve().parent / "eval"
 SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
         "new": "structures that arrived after M1 (vacancy_3, sub_B_3, sub_P_3: training types; sub_Sb_2: test)"}
 RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "RGD", "RHY", "E2", "C1", "C2", "W0.5",
-        "SOUP", "D5n", "D2n"]
+        "SOUP", "D5n", "D2n", "SFx"]
 ZERO_SHOT = ["PRE", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "M1", "F2"]
 CRYSTAL_RUNS = ["PRE", "CR_best", "CR_last", "CRs1_best", "CRs1_last", "CRs2_best", "CRs2_last", "CRF_best", "CRF_last",
                 "CRFs1_best", "CRFs1_last", "CRFs2_best", "CRFs2_last", "CRsw_best", "CRsw_last", "CRlr_best", "CRlr_last"]
@@ -82,10 +84,36 @@ def crystals() -> None:
                   + f" | {100 * sum(map(abs, vol)) / len(vol):.2f}% | {dq:.3f} |")
 
 
+SPLIT87_RUNS = ["PRE"] + [f"{r}_{w}" for r in ("CR87", "CR87s1", "CR87s2", "CRF87", "CRF87s1") for w in ("best", "last")]
+
+
+def crystal_split87() -> None:
+    """The crystal split at 87 crystals (50 train, 13 val, 24 test): volume error and Dq per test group."""
+    tab = {r: {x["name"]: x for x in json.loads(p.read_text())["rows"]}
+           for r in SPLIT87_RUNS if (p := EVAL / "crystals87" / f"{r}.json").exists()}
+    if "PRE" not in tab:
+        return
+    base = tab["PRE"]
+    groups_ = sorted({x["group"] for x in base.values()})
+    print("\n### crystal split at 87 crystals, 24 test crystals: mean |V_model / V_DFT - 1| per test group, "
+          "overall, crystals closer in volume than PRE, mean Dq (fractional, DFT cell)\n")
+    print("| run | " + " | ".join(f"{g} ({sum(x['group'] == g for x in base.values())})" for g in groups_)
+          + " | mean abs. | closer than PRE | mean Dq |")
+    print("|---" * (len(groups_) + 4) + "|")
+    for r, rows in tab.items():
+        per = [[abs(x["volume_error"]) for x in rows.values() if x["group"] == g] for g in groups_]
+        vol = [abs(x["volume_error"]) for x in rows.values()]
+        closer = sum(abs(rows[n]["volume_error"]) < abs(base[n]["volume_error"]) for n in rows)
+        dq = sum(x["dq"] for x in rows.values()) / len(rows)
+        print(f"| {r} | " + " | ".join(f"{100 * sum(v) / len(v):.2f}%" for v in per)
+              + f" | {100 * sum(vol) / len(vol):.2f}% | {closer}/{len(rows)} | {dq:.4f} |")
+
+
 if __name__ == "__main__":
     named = [r for r in sys.argv[1:] if not r.startswith("--")]
     if "--crystals" in sys.argv:
         crystals()
+        crystal_split87()
     elif "--groups" in sys.argv:
         groups(named or RUNS)
     elif "--procedures" in sys.argv:
