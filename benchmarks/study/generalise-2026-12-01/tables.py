@@ -66,11 +66,16 @@ def groups(runs: list[str], start: str = "ini", efficiency: bool = True) -> None
         print(f"| {r} | {', '.join(types)} | {group(names, rows(r), base)} | {group(names, m1, base)} |")
 
 
+def rows_by_name(path: Path) -> dict[str, dict]:
+    """The per-structure rows of one ``relaxtune evaluate --json`` file, by structure name."""
+    return {x["name"]: x for x in json.loads(path.read_text())["rows"]}
+
+
 def crystals() -> None:
     """Volume error per crystal (cell free), zero-shot and on the crystal split's test crystals."""
     for title, paths in (("zero-shot (models fine-tuned on Si defects)", {r: EVAL / f"{r}_cr_ini.json" for r in ZERO_SHOT}),
                          ("crystal split, test crystals", {r: EVAL / "crystals" / f"{r}.json" for r in CRYSTAL_RUNS})):
-        tab = {r: {x["name"]: x for x in json.loads(p.read_text())["rows"]} for r, p in paths.items() if p.exists()}
+        tab = {r: rows_by_name(p) for r, p in paths.items() if p.exists()}
         if not tab:
             continue
         names = sorted(next(iter(tab.values())))
@@ -84,13 +89,12 @@ def crystals() -> None:
                   + f" | {100 * sum(map(abs, vol)) / len(vol):.2f}% | {dq:.3f} |")
 
 
-SPLIT87_RUNS = ["PRE"] + [f"{r}_{w}" for r in ("CR87", "CR87s1", "CR87s2", "CRF87", "CRF87s1") for w in ("best", "last")]
+SPLIT87_RUNS = ["PRE"] + [f"{r}_{w}" for r in ("CR87", "CR87s1", "CR87s2", "CRF87") for w in ("best", "last")]
 
 
 def crystal_split87() -> None:
     """The crystal split at 87 crystals (50 train, 13 val, 24 test): volume error and Dq per test group."""
-    tab = {r: {x["name"]: x for x in json.loads(p.read_text())["rows"]}
-           for r in SPLIT87_RUNS if (p := EVAL / "crystals87" / f"{r}.json").exists()}
+    tab = {r: rows_by_name(p) for r in SPLIT87_RUNS if (p := EVAL / "crystals87" / f"{r}.json").exists()}
     if "PRE" not in tab:
         return
     base = tab["PRE"]
