@@ -26,7 +26,6 @@ held-out initial structure with FIRE to fmax 0.02 eV/Å (at most 500 steps), as 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -237,24 +236,10 @@ def run_pretrained(cell: Cell, study: Path, refresh: bool) -> dict:
     return rec
 
 
-def _trainer_class(step_size: float | None):
-    from relaxtune.train.finetune import Trainer
-
-    if step_size is None:
-        return Trainer
-
-    class StepSizeTrainer(Trainer):
-        """The trainer with the training relaxation's GD step size η set (TrainConfig has no field for it)."""
-
-        def _relax_config(self):
-            return dataclasses.replace(super()._relax_config(), step_size=step_size)
-
-    return StepSizeTrainer
-
-
 def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
     from relaxtune.train.checkpoint import load_checkpoint_model
     from relaxtune.train.config import TrainConfig
+    from relaxtune.train.finetune import Trainer
 
     path = study / "cells" / f"{cell.name}.json"
     run_dir = study / "runs" / cell.name
@@ -262,11 +247,12 @@ def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
     train, held = load_data(cell.data)
     if rec is None or "summary" not in rec:
         use = training_set(cell, train, held)
-        config = TrainConfig.from_dict({**BASE, "model": cell.model, **cell.overrides})
+        eta = {} if cell.step_size is None else {"step_size": cell.step_size}
+        config = TrainConfig.from_dict({**BASE, "model": cell.model, **cell.overrides, **eta})
         log(f"{cell.name}: training on {len(use)} structures ({', '.join(p.name for p in use)}), "
             f"{cell.note}; config {json.dumps(cell.overrides)}")
         t0 = time.time()
-        trainer = _trainer_class(cell.step_size)(config, use, [], run_dir, progress=False, log=log)
+        trainer = Trainer(config, use, [], run_dir, progress=False, log=log)
         summary = trainer.run(resume=(run_dir / "last.pt").exists() and not refresh)
         if not summary:  # resumed a run that had already finished: the trainer returns its summary file
             summary = json.loads((run_dir / "summary.json").read_text())

@@ -58,8 +58,10 @@ def test_finetune_says_when_best_is_the_pretrained_model(monkeypatch, capsys, da
 def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, dataset, tmp_path):
     out = tmp_path / "run"
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1",
-                       "--grad", "full", "--learn-step")
+                       "--grad", "full", "--learn-step", "--step-size", "0.015")
     assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["step_size"] == 0.015 and summary["step_size_before"] == pytest.approx(0.015)
     from relaxtune.potentials import load_model
 
     model = load_model(str(out / "best.pt"))
@@ -69,6 +71,7 @@ def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, datase
 @pytest.mark.parametrize("args, message", [
     (["no/such/dir"], "TRAIN no/such/dir"),
     (["DATASET", "--grad", "magic"], "grad"),
+    (["DATASET", "--step-size", "-1"], "step_size"),
     (["DATASET", "--train-params", "nothing_matches"], "no parameter of the model matches"),
 ])
 def test_finetune_user_errors_are_one_line(monkeypatch, capsys, dataset, tmp_path, args, message):

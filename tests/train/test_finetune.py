@@ -35,6 +35,19 @@ def test_every_grad_mode_lowers_validation_dq(sw_pairs, tmp_path, grad):
     assert json.loads((tmp_path / "summary.json").read_text())["epochs_run"] == 3
 
 
+def test_step_size_sets_the_training_relaxation_and_the_learnable_start(sw_pairs, tmp_path):
+    gd = Trainer(TrainConfig(**SW, step_size=0.05), sw_pairs[:2], sw_pairs[2:3], tmp_path / "gd", progress=False)
+    assert gd._relax_config().step_size == 0.05
+    fire = TrainConfig(**{**SW, "optimizer": "fire"}, step_size=0.3)
+    assert Trainer(fire, sw_pairs[:2], sw_pairs[2:3], tmp_path / "fire", progress=False)._relax_config().dt == 0.3
+    assert TrainConfig(**SW).relax_step_size == 0.02 and TrainConfig(**{**SW, "optimizer": "fire"}).relax_step_size == 0.1
+    learn = Trainer(TrainConfig(**SW, step_size=0.01, learn_step=True), sw_pairs[:2], sw_pairs[2:3],
+                    tmp_path / "learn", progress=False)
+    assert learn.step_params.step_size.item() == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="step_size"):
+        TrainConfig(**SW, step_size=0.0)
+
+
 def test_learn_step_moves_relaxation_parameters_and_reports_movement(sw_pairs, tmp_path):
     cfg = TrainConfig(**SW, grad="full", epochs=2, learn_step=True, step_lr=0.05)
     s = finetune(cfg, sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)

@@ -75,7 +75,10 @@ def finetune_command(
     steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max)."),
     optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd."),
     grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
-    learn_step: bool = typer.Option(DEFAULTS.learn_step, "--learn-step", help="Also train the relaxation step size."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", help="Relaxation step size η: GD step "
+                                              "(Å²/eV, default 0.02) or FIRE's initial dt (default 0.1)."),
+    learn_step: bool = typer.Option(DEFAULTS.learn_step, "--learn-step", help="Also train the relaxation step size "
+                                    "(starting at --step-size)."),
     start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
                               "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
     objective: str = typer.Option(DEFAULTS.objective, "--objective",
@@ -138,7 +141,7 @@ def finetune_command(
             model=model, objective=objective, optimizer=optimizer, steps=steps, fmax=fmax, grad=grad,
             truncate_steps=truncate_steps, checkpoint_every=checkpoint_every, hybrid_steps=hybrid_steps,
             hybrid_head=hybrid_head,
-            learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
+            step_size=step_size, learn_step=learn_step, step_lr=step_lr, epochs=epochs, batch_size=batch_size, lr=lr,
             embedding_lr=embedding_lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
             seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight,

@@ -74,6 +74,7 @@ class TrainConfig:
     cg_tol: float = 1e-3
     cg_max_iter: int = 100
     damping: float = 1e-3
+    step_size: float | None = None  # η: GD step (Å²/eV, default 0.02) or FIRE's initial dt (default 0.1)
     learn_step: bool = False
     start: str = "relaxed"
     step_lr: float = 1e-2
@@ -112,6 +113,13 @@ class TrainConfig:
     dtype: str = "float32"
     max_force: float = 1e3
 
+    @property
+    def relax_step_size(self) -> float:
+        """The training relaxation's η: ``step_size`` or the optimizer's default (GD 0.02 Å²/eV, FIRE dt 0.1)."""
+        if self.step_size is not None:
+            return float(self.step_size)
+        return 0.02 if self.optimizer == "gd" else 0.1
+
     def __post_init__(self) -> None:
         from relaxtune.evaluate import STARTS
         from relaxtune.relax.implicit import GRAD_MODES
@@ -138,6 +146,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0 (got {self.lr})")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ValueError(f"step_size: must be > 0 (got {self.step_size})")
         if self.embedding_lr is not None and self.embedding_lr <= 0:
             raise ValueError(f"embedding_lr: must be > 0 (got {self.embedding_lr})")
 

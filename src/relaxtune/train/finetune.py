@@ -197,7 +197,7 @@ class Trainer:
         if config.learn_step:
             from relaxtune.relax import StepParameters
 
-            self.step_params_kwargs = {"step_size": 0.02 if config.optimizer == "gd" else 0.1}
+            self.step_params_kwargs = {"step_size": config.relax_step_size}
             self.step_params = StepParameters(**self.step_params_kwargs).to(self.device)
         else:
             self.step_params_kwargs = None
@@ -259,7 +259,9 @@ class Trainer:
         from relaxtune.relax import RelaxConfig
 
         c = self.config
-        return RelaxConfig(optimizer=c.optimizer, fmax=c.fmax, max_steps=c.steps, blowup_force=c.max_force)
+        eta = c.relax_step_size
+        return RelaxConfig(optimizer=c.optimizer, fmax=c.fmax, max_steps=c.steps, blowup_force=c.max_force,
+                           step_size=eta if c.optimizer == "gd" else 0.02, dt=eta if c.optimizer == "fire" else 0.1)
 
     def _implicit_config(self):
         from relaxtune.relax.implicit import ImplicitConfig
