@@ -58,8 +58,11 @@ def test_learn_step_moves_relaxation_parameters_and_reports_movement(sw_pairs, t
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(rows[1]["grad_norm_model"]) > 0 and float(rows[1]["grad_norm_relax"]) > 0
     # implicit: a fixed point does not depend on the step size, so it gets no gradient
-    s2 = finetune(cfg.replace(grad="implicit"), sw_pairs[:4], sw_pairs[4:], tmp_path / "imp", progress=False)
+    notes: list[str] = []
+    s2 = finetune(cfg.replace(grad="implicit"), sw_pairs[:4], sw_pairs[4:], tmp_path / "imp", progress=False,
+                  log=notes.append)
     assert s2["parameter_movement"]["relax"]["absolute"] == 0.0
+    assert any("step size gets no gradient" in n for n in notes)  # and the log says so up front
 
 
 def test_resume_after_kill_gives_the_same_weights(sw_pairs, tmp_path):

@@ -199,6 +199,11 @@ class Trainer:
 
             self.step_params_kwargs = {"step_size": config.relax_step_size}
             self.step_params = StepParameters(**self.step_params_kwargs).to(self.device)
+            if config.grad == "implicit" or config.objective == "forces":
+                why = ("the relaxed fixed point does not depend on the step size" if config.objective != "forces"
+                       else "the forces objective does not relax")
+                self.log(f"note: --learn-step with --grad {config.grad} --objective {config.objective}: {why}, so "
+                         "the step size gets no gradient (use --grad full, checkpoint, truncated or hybrid)")
         else:
             self.step_params_kwargs = None
         self.model_params = [p for p in self.model.parameters() if p.requires_grad]
