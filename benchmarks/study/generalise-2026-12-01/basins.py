@@ -1,6 +1,7 @@
 """Why interstitials miss DFT's basin (docs/results.md, "Update, 2026-12-02, morning").
 
     python basins.py [--model chgnet|RUN/best.pt] [NAME ...]      # default: int_T_2 int_B_2 int_P_1 int_P_2
+    python basins.py --starts 7 int_T_2 int_P_1                    # and from 7 starts 0.4 Å off the site
 
 For each shipped Si-defect structure NAME (an interstitial: the last atom), one row per question:
 
@@ -13,7 +14,9 @@ For each shipped Si-defect structure NAME (an interstitial: the last atom), one 
   from the DFT-relaxed structure (negative: DFT's configuration is lower in the model too, so the model is
   trapped in a metastable basin rather than wrong about the ground state);
 - *first force*: DFT's and the model's force on the interstitial in the initial frame, projected on its offset
-  from the ideal site (positive: pushed away from the site).
+  from the ideal site (positive: pushed away from the site);
+- with ``--starts N``: the energy, Dq and symmetric Dq of relaxations from N more starts with the interstitial
+  moved ``--offset`` Å (0.4) from its initial position in random directions (numpy default_rng(0)).
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", default=["int_T_2", "int_B_2", "int_P_1", "int_P_2"])
     p.add_argument("--model", default="chgnet")
+    p.add_argument("--starts", type=int, default=0)
+    p.add_argument("--offset", type=float, default=0.4)
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
@@ -73,8 +78,13 @@ def main() -> None:
         x = res.batch.positions.detach().double().numpy().reshape(2, -1, 3)
         energy = res.energy.detach().double().numpy()
         ideal = si_defect(name.rsplit("_", 1)[0])
-        sym = min(dq(_apply(x[0], rot, trans, perm, cell), final.get_positions(), cell, masses)
-                  for rot, trans, perm in site_symmetry_permutations(ideal))
+        ops = site_symmetry_permutations(ideal)
+
+        def symmetric_dq(y: np.ndarray) -> float:
+            return min(dq(_apply(y, rot, trans, perm, cell), final.get_positions(), cell, masses)
+                       for rot, trans, perm in ops)
+
+        sym = symmetric_dq(x[0])
         first = Batch.from_atoms([initial])
         f_model = energy_and_forces(model, first, model.prepare(first)).forces[i].detach().double().numpy()
         offset = initial.get_positions()[i] - ideal.get_positions()[i]
@@ -90,6 +100,22 @@ def main() -> None:
               f"DFT-relaxed is {np.abs(mic(x[1] - final.get_positions(), cell)).max():.2f} Å from DFT's); "
               f"first-frame force along the offset DFT {frames[0].get_forces()[i] @ u:+.3f}, model "
               f"{f_model @ u:+.3f} eV/Å", flush=True)
+        if args.starts:
+            rng = np.random.default_rng(0)
+            starts = []
+            for _ in range(args.starts):
+                moved_start = initial.copy()
+                step = rng.normal(size=3)
+                moved_start.positions[i] += args.offset * step / np.linalg.norm(step)
+                starts.append(moved_start)
+            with torch.no_grad():
+                res = relax(model, Batch.from_atoms(starts), RelaxConfig(optimizer="fire", fmax=0.02, max_steps=800),
+                            grad_mode="none")
+            xs = res.batch.positions.detach().double().numpy().reshape(len(starts), -1, 3)
+            for k, (y, e) in enumerate(zip(xs, res.energy.detach().double().numpy())):
+                print(f"  start {k + 1} ({args.offset} Å off): E − E(from initial) {e - energy[0]:+.3f} eV, Dq "
+                      f"{dq(y, final.get_positions(), cell, masses):.3f}, symmetric Dq {symmetric_dq(y):.3f}",
+                      flush=True)
 
 
 def _apply(x: np.ndarray, rot: np.ndarray, trans: np.ndarray, perm: np.ndarray, cell: np.ndarray) -> np.ndarray:
