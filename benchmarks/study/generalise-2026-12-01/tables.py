@@ -18,7 +18,7 @@ EVAL = Path(__file__).resolve().parent / "eval"
 SETS = {"hot": "unseen defect types (val + test, seeds 1-2)", "r2b": "new rattles (seed 2) of the training types",
         "new": "structures that arrived after M1 (vacancy_3, sub_B_3, sub_P_3: training types; sub_Sb_2: test)"}
 RUNS = ["M1", "M1s1", "M1s2", "F2", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "RGD", "RHY", "E2", "C1", "C2", "W0.5",
-        "SOUP", "D5n", "D2n", "SFx", "D2sfL", "FULL", "FULL_last"]
+        "SOUP", "D5n", "D2n", "SFx", "D2sfL", "FULL"]
 ZERO_SHOT = ["PRE", "SF", "SFs1", "SFs2", "SFst0", "SFst1", "M1", "F2"]
 CRYSTAL_RUNS = ["PRE", "CR_best", "CR_last", "CRs1_best", "CRs1_last", "CRs2_best", "CRs2_last", "CRF_best", "CRF_last",
                 "CRFs1_best", "CRFs1_last", "CRFs2_best", "CRFs2_last", "CRsw_best", "CRsw_last", "CRlr_best", "CRlr_last"]
@@ -67,7 +67,7 @@ def groups(runs: list[str], start: str = "ini", efficiency: bool = True) -> None
     names = [n for n in seen if kind(n) in D2_TYPES]
     print("\n| run (default recipe) | training structures | vacancy and sub_B new structures (4) | unseen types |")
     print("|---|---|---|---|")
-    for r, n_train in (("D2sfL", 2), ("SF", 10), ("SFs1", 10), ("SFs2", 10), ("FULL", 23), ("FULL_last", 23)):
+    for r, n_train in (("D2sfL", 2), ("SF", 10), ("SFs1", 10), ("SFs2", 10), ("FULL", 23)):
         v = rows(r)
         if v:
             print(f"| {r} | {n_train} | {group(names, v, base)} | {group(unseen, v, base)} |")
