@@ -34,6 +34,8 @@ from relaxtune.potentials.base import energy_and_forces
 from relaxtune.relax import RelaxConfig, relax
 from relaxtune.state import Batch
 
+FIRE = RelaxConfig(optimizer="fire", fmax=0.02, max_steps=800)  # as `relaxtune evaluate`, with room to converge
+
 
 def site_symmetry_permutations(ideal) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(rotation, translation, atom permutation) of every symmetry operation of the unrattled cell."""
@@ -74,7 +76,7 @@ def main() -> None:
         cell, masses, i = initial.cell.array, initial.get_masses(), len(initial) - 1
         batch = Batch.from_atoms([initial, final])
         with torch.no_grad():
-            res = relax(model, batch, RelaxConfig(optimizer="fire", fmax=0.02, max_steps=800), grad_mode="none")
+            res = relax(model, batch, FIRE, grad_mode="none")
         x = res.batch.positions.detach().double().numpy().reshape(2, -1, 3)
         energy = res.energy.detach().double().numpy()
         ideal = si_defect(name.rsplit("_", 1)[0])
@@ -109,8 +111,7 @@ def main() -> None:
                 moved_start.positions[i] += args.offset * step / np.linalg.norm(step)
                 starts.append(moved_start)
             with torch.no_grad():
-                res = relax(model, Batch.from_atoms(starts), RelaxConfig(optimizer="fire", fmax=0.02, max_steps=800),
-                            grad_mode="none")
+                res = relax(model, Batch.from_atoms(starts), FIRE, grad_mode="none")
             xs = res.batch.positions.detach().double().numpy().reshape(len(starts), -1, 3)
             for k, (y, e) in enumerate(zip(xs, res.energy.detach().double().numpy())):
                 print(f"  start {k + 1} ({args.offset} Å off): E − E(from initial) {e - energy[0]:+.3f} eV, Dq "

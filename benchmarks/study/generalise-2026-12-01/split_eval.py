@@ -1,18 +1,15 @@
 """Split one `relaxtune evaluate --json` file over the held-out sets of the generalisation study
-(hot, r2b, new, h3 as before; x = every other structure) and write eval/RUN_SET_ini.json for each."""
+(hot, r2b, new, h3 as pretrained CHGNet's files hold them; x = every other structure) and write
+eval/RUN_SET_ini.json for each: ``python split_eval.py EVAL.json RUN [OUT_DIR]``."""
 import json, sys
 from pathlib import Path
 from relaxtune.evaluate import summarize
-SETS = {
-    "hot": ["As_V_1", "int_H_1", "int_H_2", "int_P_1", "int_P_2", "sub_As_1", "sub_As_2", "sub_Ga_1", "sub_Ge_1",
-            "sub_Ge_2", "sub_Sb_1"],
-    "r2b": ["P_V_2", "int_B_2", "int_T_2", "int_split110_2", "sub_Al_2", "sub_B_2", "sub_C_2", "sub_N_2", "sub_P_2",
-            "vacancy_2"],
-    "new": ["sub_B_3", "sub_P_3", "sub_Sb_2", "vacancy_3"],
-    "h3": ["int_H_3"],
-}
+EVAL = Path(__file__).resolve().parent / "eval"
+# the sets as pretrained CHGNet's evaluation files hold them (tables.py reads the same files)
+SETS = {name: [r["name"] for r in json.loads((EVAL / f"PRE_{name}_ini.json").read_text())["rows"]]
+        for name in ("hot", "r2b", "new", "h3")}
 src, run = Path(sys.argv[1]), sys.argv[2]
-out = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).resolve().parent / "eval"
+out = Path(sys.argv[3]) if len(sys.argv) > 3 else EVAL
 d = json.loads(src.read_text())
 listed = {n for v in SETS.values() for n in v}
 sets = {**SETS, "x": sorted(r["name"] for r in d["rows"] if r["name"] not in listed)}

@@ -114,11 +114,18 @@ class TrainConfig:
     max_force: float = 1e3
 
     @property
+    def relax_step_field(self) -> str:
+        """The ``RelaxConfig`` field that is η for this optimizer: GD's ``step_size`` or FIRE's initial ``dt``."""
+        return "step_size" if self.optimizer == "gd" else "dt"
+
+    @property
     def relax_step_size(self) -> float:
-        """The training relaxation's η: ``step_size`` or the optimizer's default (GD 0.02 Å²/eV, FIRE dt 0.1)."""
+        """The training relaxation's η: ``step_size``, or ``RelaxConfig``'s default for the optimizer."""
+        from relaxtune.relax import RelaxConfig
+
         if self.step_size is not None:
             return float(self.step_size)
-        return 0.02 if self.optimizer == "gd" else 0.1
+        return float(getattr(RelaxConfig, self.relax_step_field))
 
     def __post_init__(self) -> None:
         from relaxtune.evaluate import STARTS

@@ -264,9 +264,8 @@ class Trainer:
         from relaxtune.relax import RelaxConfig
 
         c = self.config
-        eta = c.relax_step_size
         return RelaxConfig(optimizer=c.optimizer, fmax=c.fmax, max_steps=c.steps, blowup_force=c.max_force,
-                           step_size=eta if c.optimizer == "gd" else 0.02, dt=eta if c.optimizer == "fire" else 0.1)
+                           **{c.relax_step_field: c.relax_step_size})
 
     def _implicit_config(self):
         from relaxtune.relax.implicit import ImplicitConfig
