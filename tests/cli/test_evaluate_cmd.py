@@ -69,3 +69,12 @@ def test_evaluate_split_and_checkpoint_model(monkeypatch, capsys, dataset, tmp_p
 def test_evaluate_user_errors(monkeypatch, capsys, dataset, args, message):
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, *args, "--no-progress")
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_evaluate_symprec_adds_dq_up_to_symmetry_and_rejects_a_bad_tolerance(monkeypatch, capsys, dataset):
+    code, stdout, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--split", "test",
+                            "--symprec", "0.1", "--no-progress")
+    m = json.loads(stdout)
+    assert code == 0 and m["dq_sym_mean"] <= m["dq_mean"] + 1e-9 and "operations: Dq" in err
+    code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--symprec", "-1", "--no-progress")
+    assert code == 2 and "--symprec -1.0: must be a positive distance in Å" in err and "Traceback" not in err
