@@ -23,8 +23,8 @@ from the initial structure happens to take (a diagnostic of the potential, not o
 ``dq_sym``, ``max_disp_sym`` and ``basin_match_sym`` per row, the smallest over the space-group operations
 spglib finds for the initial structure at that tolerance, so that a defect that breaks its site's symmetry in
 another, equivalent direction than DFT's relaxation did is not counted as a different structure. The shipped
-Si defects, rattled by 0.05 Å, need 0.5 Å for spglib to see their sites' symmetry (24 operations for the
-vacancy and the tetrahedral interstitial; 1-6 at 0.3 Å).
+Si defects, rattled by 0.05 Å, need 0.6 Å for spglib to find their sites' full symmetry (24 operations for
+the vacancy and the tetrahedral interstitial; at 0.3 Å 1-2, at 0.5 Å 1-24 by rattle).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def evaluate_command(
     start: str = typer.Option("initial", "--start", help="Relax from the initial structures, or from the "
                               "DFT-relaxed ones (how far the model's own minimum lies): initial | relaxed."),
     symprec: Optional[float] = typer.Option(None, "--symprec", help="Also report Dq up to a symmetry of each "
-                                            "initial structure (spglib tolerance, Å; 0.5 for the shipped Si "
+                                            "initial structure (spglib tolerance, Å; 0.6 for the shipped Si "
                                             "defects, rattled by 0.05 Å): dq_sym_mean, basin_match_sym_rate."),
     threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
