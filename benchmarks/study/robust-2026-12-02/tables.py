@@ -1,0 +1,109 @@
+"""Tables of docs/results.md, "Update, 2026-12-02 (07:00-10:00 UTC)": the robustness, baseline-seed and
+data-efficiency cells of issue 5 with the default recipe. ``python tables.py`` prints them from
+``eval/RUN.json`` next to this file (``relaxtune evaluate`` over the 30 held-out Si-defect structures, Dq from
+the initial structures) and, for runs of earlier sessions, from ``../generalise-2026-12-01/eval``. Every row
+compares a run with pretrained CHGNet (``PRE``) on the same structures: mean Dq (change), geometric mean of
+the per-structure ratio, structures better, structures in DFT's basin (max displacement < 0.1 Å)."""
+import json
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+EARLIER = HERE.parent / "generalise-2026-12-01"
+EARLIER_SETS = ("hot", "r2b", "new", "h3", "x")
+#: an evaluation named differently from its run folder (D2sfL is D2sf's last.pt)
+RUN_FOLDER = {"D2sfL": "D2sf"}
+UNSEEN_TYPES = ("int_H", "As_V", "sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
+TEST_TYPES = UNSEEN_TYPES[2:]
+
+
+def kind(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+def evaluation(run: str, earlier: bool | None = None) -> dict[str, dict]:
+    """Per-structure rows of a run's evaluation, by structure name ({} when there is none): this session's
+    file, else (or with ``earlier=True``) the earlier study's files."""
+    path = HERE / "eval" / f"{run}.json"
+    if earlier is None:
+        earlier = not path.exists()
+    files = [EARLIER / "eval" / f"{run}_{s}_ini.json" for s in EARLIER_SETS] if earlier else [path]
+    return {r["name"]: r for f in files if f.exists() for r in json.loads(f.read_text())["rows"]}
+
+
+def baseline(run: str) -> dict[str, dict]:
+    """Pretrained CHGNet from the same evaluation as ``run``: FIRE in batches of 4 follows slightly different
+    paths for different batch-mates (float32), and int_P_2 ends 0.24 apart (6.41 / 6.65) between them."""
+    return evaluation("PRE", earlier=not (HERE / "eval" / f"{run}.json").exists())
+
+
+def summary(run: str) -> dict:
+    folder = RUN_FOLDER.get(run, run)
+    for base in (HERE, EARLIER):
+        if (base / folder / "summary.json").exists():
+            return json.loads((base / folder / "summary.json").read_text())
+    return {}
+
+
+def compare(run: dict[str, dict], base: dict[str, dict], names: list[str]) -> str:
+    if not names:
+        return "–"
+    mean = sum(run[n]["dq"] for n in names) / len(names)
+    ref = sum(base[n]["dq"] for n in names) / len(names)
+    geo = math.exp(sum(math.log(run[n]["dq"] / base[n]["dq"]) for n in names) / len(names))
+    better = sum(run[n]["dq"] < base[n]["dq"] for n in names)
+    basins = sum(run[n]["max_disp"] < 0.1 for n in names)
+    return (f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{len(names)} better, "
+            f"{basins}/{len(names)} basins")
+
+
+def table(title: str, runs: list[str], own_types: bool = True) -> None:
+    """One row per run: its own types' new structures (every one it was evaluated on), the unseen types and the
+    test types alone (those every listed run, and PRE, was evaluated on, so that the rows are comparable)."""
+    evals = {r: evaluation(r) for r in runs}
+    evals = {r: v for r, v in evals.items() if v}
+    common = set(evaluation("PRE")).intersection(*evals.values()) if evals else set()
+    print(f"\n### {title}\n")
+    head = ["run", "trained on"]
+    head += ["new structures of its training types"] if own_types else []
+    head += ["unseen types", "test types only"]
+    print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
+    for run, rows in evals.items():
+        base = baseline(run)
+        trained = summary(run).get("train_names", [])
+        own = sorted(n for n in set(rows) & set(base) if kind(n) in {kind(t) for t in trained} and n not in trained)
+        unseen = sorted(n for n in common if kind(n) in UNSEEN_TYPES)
+        test = [n for n in unseen if kind(n) in TEST_TYPES]
+        cells = [run, f"{len(trained)} structures" if trained else "?"]
+        cells += [compare(rows, base, own)] if own_types else []
+        cells += [compare(rows, base, unseen), compare(rows, base, test)]
+        print("| " + " | ".join(cells) + " |")
+
+
+def movement(runs: list[str]) -> None:
+    print("\n### Who moved (relative change ||θ−θ₀||/||θ₀|| per parameter group)\n")
+    print("| run | model weights | relaxation step | best epoch | epochs | wall s |\n|---|---|---|---|---|---|")
+    for run in runs:
+        s = summary(run)
+        if not s:
+            continue
+        mv = s.get("parameter_movement", {})
+        step = mv.get("relax", mv.get("step", {}))
+        step_txt = f"{step['relative']:.3g}" if isinstance(step, dict) and "relative" in step else "–"
+        print(f"| {run} | {mv.get('model', {}).get('relative', float('nan')):.3g} | {step_txt} | "
+              f"{s.get('best_epoch')} | {s.get('epochs_run')} | {s.get('time_s')} |")
+
+
+def main(argv: list[str]) -> None:
+    table("Robustness: step size, unroll length, gradient mode, learnable step (the default recipe on vacancy_1 "
+          "and sub_B_1, 20 epochs, last.pt)", ["D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy"])
+    table("Conventional force/energy fine-tuning, 3 seeds (10 structures of si-defects-mini, same optimizer and "
+          "budget; best.pt)", ["SF", "SFs1", "SFs2", "F2", "F2s1", "F2s2"])
+    table("Data efficiency with the default recipe", ["D2sfL", "D5sf", "SF", "SFs1", "SFs2", "D20", "FULL"])
+    movement(["SF", "F2s1", "F2s2", "D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy", "D5sf",
+              "D20", "FULL"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
