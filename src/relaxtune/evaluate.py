@@ -164,6 +164,7 @@ def evaluate(
     fmax: float = 0.02,
     optimizer: str = "fire",
     max_steps: int = 500,
+    step_size: float | None = None,
     batch_size: int = 4,
     dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -171,14 +172,16 @@ def evaluate(
     symprec: float | None = None,
 ) -> Evaluation:
     """Relax each pair's initial (or, ``start="relaxed"``, final) structure with ``model`` (no graph) and
-    compare with its final structure (also up to the initial structure's symmetry at ``symprec``, if given)."""
+    compare with its final structure (also up to the initial structure's symmetry at ``symprec``, if given).
+    ``step_size`` is η: GD's step (Å²/eV) or FIRE's initial dt; None keeps ``RelaxConfig``'s default."""
     from relaxtune.relax import RelaxConfig, relax
 
     start_structures([], start)  # reject a bad start before any work
 
     dtype = dtype or model_dtype(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    configs = {free: RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=free)
+    eta = {} if step_size is None else {RelaxConfig.step_field(optimizer): step_size}
+    configs = {free: RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=free, **eta)
                for free in (False, True)}
     rows: list[dict[str, Any]] = []
     chunks = _chunks(list(pairs), batch_size)
@@ -236,5 +239,6 @@ def evaluate(
     if bar is not None:
         bar.close()
     metrics = summarize(rows)
-    metrics.update({"fmax": fmax, "optimizer": optimizer, "max_steps": max_steps, "start": start})
+    metrics.update({"fmax": fmax, "optimizer": optimizer, "max_steps": max_steps, "start": start,
+                    "step_size": configs[False].eta})
     return Evaluation(metrics=metrics, rows=rows)

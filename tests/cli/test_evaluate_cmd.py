@@ -78,3 +78,22 @@ def test_evaluate_symprec_adds_dq_up_to_symmetry_and_rejects_a_bad_tolerance(mon
     assert code == 0 and m["dq_sym_mean"] <= m["dq_mean"] + 1e-9 and "operations: Dq" in err
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--symprec", "-1", "--no-progress")
     assert code == 2 and "--symprec -1.0: must be a positive distance in Å" in err and "Traceback" not in err
+
+
+def test_evaluate_step_size_sets_the_relaxation_step_and_is_recorded(monkeypatch, capsys, dataset, tmp_path):
+    """A capped relaxation (the reference method's protocol) depends on η; --step-size sets GD's step and
+    the JSON records the η used (the default when it is not given)."""
+    results = {}
+    for eta in (None, "0.001", "0.02"):
+        out = tmp_path / f"{eta}.json"
+        code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--optimizer", "gd",
+                           "--max-steps", "3", "--json", out, *(["--step-size", eta] if eta else []),
+                           "--no-progress")
+        assert code == 0, err
+        results[eta] = json.loads(out.read_text())
+    assert results[None]["step_size"] == pytest.approx(0.02) and results["0.001"]["step_size"] == pytest.approx(0.001)
+    assert results[None]["dq_mean"] == pytest.approx(results["0.02"]["dq_mean"])
+    assert results["0.001"]["dq_mean"] != pytest.approx(results["0.02"]["dq_mean"], rel=1e-3)
+    code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--step-size", "-1",
+                       "--no-progress")
+    assert code == 2 and "--step-size" in err and "Traceback" not in err

@@ -31,6 +31,9 @@ def evaluate_command(
     fmax: float = typer.Option(0.02, "--fmax", help="Relaxation convergence, eV/Å."),
     optimizer: str = typer.Option("fire", "--optimizer", help="fire | gd."),
     max_steps: int = typer.Option(500, "--max-steps", help="Relaxation step cap."),
+    step_size: Optional[float] = typer.Option(None, "--step-size", min=1e-9, help="gd: η in Å²/eV (default 0.02); "
+                                              "fire: initial time step (default 0.1). A run trained with "
+                                              "--learn-step has its learned η in summary.json (step_size_after)."),
     batch_size: int = typer.Option(4, "--batch-size", help="Structures relaxed together."),
     start: str = typer.Option("initial", "--start", help="Relax from the initial structures, or from the "
                               "DFT-relaxed ones (how far the model's own minimum lies): initial | relaxed."),
@@ -84,12 +87,13 @@ def evaluate_command(
         if ctx.active or ctx.device.type != "cpu":
             net = net.to(ctx.device)
             result = distributed.evaluate_distributed(net, pairs, ctx, fmax=fmax, optimizer=optimizer,
-                                                      max_steps=max_steps, batch_size=batch_size, dtype=dtype,
-                                                      progress=progress, start=start, symprec=symprec)
+                                                      max_steps=max_steps, step_size=step_size,
+                                                      batch_size=batch_size, dtype=dtype, progress=progress,
+                                                      start=start, symprec=symprec)
         else:
             result = evaluate(net, pairs, fmax=fmax, optimizer=optimizer, max_steps=max_steps,
-                              batch_size=batch_size, dtype=dtype, progress=progress, start=start,
-                              symprec=symprec)
+                              step_size=step_size, batch_size=batch_size, dtype=dtype, progress=progress,
+                              start=start, symprec=symprec)
     except UnsupportedElementError as exc:
         raise UserInputError(f"{data}: {exc}") from None
     distributed.shutdown(ctx)

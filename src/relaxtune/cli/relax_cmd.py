@@ -126,7 +126,7 @@ def relax_cmd(
         typer.echo(warning, err=True)
     kwargs = dict(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=cell, pressure=pressure * GPa)
     if step_size is not None:
-        kwargs["step_size" if optimizer == "gd" else "dt"] = step_size
+        kwargs[RelaxConfig.step_field(optimizer)] = step_size
     config = RelaxConfig(**kwargs)
     try:
         net.check_supported(Batch.from_atoms(frames, dtype=dtype))

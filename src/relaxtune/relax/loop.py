@@ -80,6 +80,17 @@ class RelaxConfig(FireParams):
         if self.max_displacement is not None and self.max_displacement <= 0:
             raise ValueError("max_displacement must be positive or None")
 
+    @staticmethod
+    def step_field(optimizer: str) -> str:
+        """The field that is the step size η for ``optimizer``: GD's ``step_size`` (Å²/eV) or FIRE's initial
+        ``dt``; so that one option (``--step-size``) can set either."""
+        return "step_size" if optimizer == "gd" else "dt"
+
+    @property
+    def eta(self) -> float:
+        """This configuration's step size η (see ``step_field``)."""
+        return getattr(self, self.step_field(self.optimizer))
+
     @property
     def fire_params(self) -> FireParams:
         return FireParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FireParams)})
@@ -256,7 +267,7 @@ def _setup(model, batch, config, step_params, create_graph) -> tuple[_Problem, A
         t = t.to(dtype)
         return t if create_graph else t.detach()
 
-    default = config.step_size if config.optimizer == "gd" else config.dt
+    default = config.eta
     step = cast(values.step_size) if values is not None else default
     momentum = config.momentum
     if values is not None and values.momentum is not None:

@@ -116,7 +116,9 @@ class TrainConfig:
     @property
     def relax_step_field(self) -> str:
         """The ``RelaxConfig`` field that is η for this optimizer: GD's ``step_size`` or FIRE's initial ``dt``."""
-        return "step_size" if self.optimizer == "gd" else "dt"
+        from relaxtune.relax import RelaxConfig
+
+        return RelaxConfig.step_field(self.optimizer)
 
     @property
     def relax_step_size(self) -> float:
