@@ -33,28 +33,42 @@ def evaluation(run: str, earlier: bool | None = None) -> dict[str, dict]:
     return {r["name"]: r for f in files if f.exists() for r in json.loads(f.read_text())["rows"]}
 
 
+def split_cap(run: str) -> tuple[str, str]:
+    """``RUN_sK`` (an evaluation with every relaxation capped at K steps) -> (``RUN``, ``"_sK"``); else (run, "")."""
+    head, sep, cap = run.rpartition("_s")
+    return (head, sep + cap) if sep else (run, "")
+
+
 def baseline(run: str) -> dict[str, dict]:
-    """Pretrained CHGNet from the same evaluation as ``run``: FIRE in batches of 4 follows slightly different
-    paths for different batch-mates (float32), and int_P_2 ends 0.24 apart (6.41 / 6.65) between them."""
-    if "_s" in run:  # RUN_sK: relaxations capped at K steps, compared with pretrained capped the same way
-        return evaluation("PRE_s" + run.rsplit("_s", 1)[1])
+    """Pretrained CHGNet from the same evaluation as ``run`` (capped the same way for ``RUN_sK``): FIRE in batches
+    of 4 follows slightly different paths for different batch-mates (float32), and int_P_2 ends 0.24 apart
+    (6.41 / 6.65) between them."""
+    cap = split_cap(run)[1]
+    if cap:
+        return evaluation("PRE" + cap)
     return evaluation("PRE", earlier=not (HERE / "eval" / f"{run}.json").exists())
 
 
 def summary(run: str) -> dict:
-    folder = RUN_FOLDER.get(run, run.split("_s")[0])
+    folder = RUN_FOLDER.get(run, split_cap(run)[0])
     for base in (HERE, EARLIER):
         if (base / folder / "summary.json").exists():
             return json.loads((base / folder / "summary.json").read_text())
     return {}
 
 
-def compare(run: dict[str, dict], base: dict[str, dict], names: list[str]) -> str:
-    if not names:
-        return "–"
+def dq_stats(run: dict[str, dict], base: dict[str, dict], names: list[str]) -> tuple[float, float, float]:
+    """(mean Dq of ``run``, mean Dq of ``base``, geometric mean of the per-structure ratio) over ``names``."""
     mean = sum(run[n]["dq"] for n in names) / len(names)
     ref = sum(base[n]["dq"] for n in names) / len(names)
     geo = math.exp(sum(math.log(run[n]["dq"] / base[n]["dq"]) for n in names) / len(names))
+    return mean, ref, geo
+
+
+def compare(run: dict[str, dict], base: dict[str, dict], names: list[str]) -> str:
+    if not names:
+        return "–"
+    mean, ref, geo = dq_stats(run, base, names)
     better = sum(run[n]["dq"] < base[n]["dq"] for n in names)
     basins = sum(run[n]["max_disp"] < 0.1 for n in names)
     return (f"{mean:.3f} ({100 * (mean / ref - 1):+.1f}%), geo {geo:.3f}, {better}/{len(names)} better, "
@@ -95,9 +109,7 @@ def common_heldout(title: str, runs: list[str], names: list[str], full: str = "F
         rows, base = evaluation(run), baseline(run)
         if not all(n in rows for n in names):
             continue
-        mean = sum(rows[n]["dq"] for n in names) / len(names)
-        ref = sum(base[n]["dq"] for n in names) / len(names)
-        geo = math.exp(sum(math.log(rows[n]["dq"] / base[n]["dq"]) for n in names) / len(names))
+        mean, ref, geo = dq_stats(rows, base, names)
         gains[run] = ref - mean
         cells = [run, f"{len(summary(run).get('train_names', []))} structures"]
         cells += [f"{rows[n]['dq']:.3f}" for n in names]
@@ -121,8 +133,8 @@ def seeds(groups: dict[str, list[str]], reference: str = "SF") -> None:
         for names in sets.values():
             changes = []
             for run in runs:
-                mine, base = evaluation(run), baseline(run)
-                changes.append(100 * (sum(mine[n]["dq"] for n in names) / sum(base[n]["dq"] for n in names) - 1))
+                mean, ref, _ = dq_stats(evaluation(run), baseline(run), names)
+                changes.append(100 * (mean / ref - 1))
             cells.append(f"{statistics.mean(changes):+.1f} ± {statistics.stdev(changes):.1f}% "
                          f"({', '.join(f'{c:+.1f}' for c in changes)})")
         print(f"| {recipe} | {', '.join(runs)} | " + " | ".join(cells) + " |")
@@ -146,9 +158,8 @@ def main(argv: list[str]) -> None:
     table("Robustness: step size, unroll length, gradient mode, learnable step (the default recipe on vacancy_1 "
           "and sub_B_1, 20 epochs, last.pt)", ["D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy"])
     table("The reference method: training relaxations from the initial structure through every step (`--start "
-          "initial --grad checkpoint`), unroll k = 10 / 25 / 50 / 150 with FIRE and k = 50 with gradient descent, with and "
-          "without a learnable step "
-          "(the paper's relaxation), against D2ck (the same from the DFT structure)",
+          "initial --grad checkpoint`), unroll k = 10 / 25 / 50 / 150 with FIRE, and k = 50 with gradient descent (the "
+          "paper's relaxation) with and without a learnable step, against D2ck (the same from the DFT structure)",
           ["D2ck", "R2k10", "R2k25", "R2k50", "R2k150", "R2gd50", "R2gd50L"])
     table("The reference method's own protocol: every held-out relaxation capped at the training unroll k "
           "(`relaxtune evaluate --max-steps k`), against pretrained CHGNet capped the same way",
