@@ -58,10 +58,12 @@ def test_finetune_says_when_best_is_the_pretrained_model(monkeypatch, capsys, da
 def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, dataset, tmp_path):
     out = tmp_path / "run"
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1",
-                       "--grad", "full", "--learn-step", "--step-size", "0.015")
+                       "--grad", "full", "--learn-step", "--step-size", "0.015", "--energy-scale", "total",
+                       "--energy-weight", "0.5")
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["step_size"] == 0.015 and summary["step_size_before"] == pytest.approx(0.015)
+    assert (summary["config"]["energy_scale"], summary["config"]["energy_weight"]) == ("total", 0.5)
     from relaxtune.potentials import load_model
 
     model = load_model(str(out / "best.pt"))
@@ -72,6 +74,7 @@ def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, datase
     (["no/such/dir"], "TRAIN no/such/dir"),
     (["DATASET", "--grad", "magic"], "grad"),
     (["DATASET", "--step-size", "-1"], "step_size"),
+    (["DATASET", "--energy-scale", "per-molecule"], "energy_scale"),
     (["DATASET", "--train-params", "nothing_matches"], "no parameter of the model matches"),
 ])
 def test_finetune_user_errors_are_one_line(monkeypatch, capsys, dataset, tmp_path, args, message):

@@ -251,10 +251,11 @@ def test_dq_scale_pretrained_trains_and_resumes_with_the_stored_scales(sw_pairs,
 
 def test_a_stored_config_that_predates_a_field_keeps_the_old_behaviour():
     old = TrainConfig(**SW).to_dict()
-    for name in ("start", "val_start", "dq_scale"):
+    for name in ("start", "val_start", "dq_scale", "energy_scale"):
         old.pop(name)
     restored = TrainConfig.from_dict(old)
-    assert (restored.start, restored.val_start, restored.dq_scale) == ("initial", "initial", "absolute")
+    assert (restored.start, restored.val_start, restored.dq_scale, restored.energy_scale) == (
+        "initial", "initial", "absolute", "per-atom")
     today = TrainConfig()
     assert (today.start, today.dq_scale) == ("relaxed", "pretrained")
     assert TrainConfig.from_dict(today.to_dict()) == today
@@ -386,6 +387,33 @@ def test_fixed_cell_stress_is_fitted_only_when_asked(tmp_path):
     assert totals[True, 1.0, "fixed"] > totals[True, 0.0, "fixed"] + 0.1
     for opt_in in (False, True):
         assert totals[opt_in, 1.0, "si8_cell"] > totals[opt_in, 0.0, "si8_cell"] + 0.1
+
+
+def test_energy_scale_total_fits_the_relative_energy_in_eV_not_per_atom(tmp_path):
+    """The energy term is the squared error of (E_frame - E_relaxed): per atom by default, in total eV with
+    ``energy_scale="total"``; checked against the untuned SW's energies through ASE."""
+    from relaxtune.calculator import RelaxtuneCalculator
+
+    pair, frames = make_cell_relaxation(vacancy=True)
+    n_atoms = len(frames[0])
+    model_energy = []
+    for frame in frames:
+        atoms = frame.copy()
+        atoms.calc = RelaxtuneCalculator(StillingerWeber().double())
+        model_energy.append(atoms.get_potential_energy())
+    error = (model_energy[0] - model_energy[-1]) - (frames[0].get_potential_energy() - frames[-1].get_potential_energy())
+    assert abs(error) > 1e-3  # the untuned SW has another energy landscape
+    terms = {}
+    for scale in ("per-atom", "total"):
+        cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, force_weight=0.0, stress_weight=0.0,
+                          energy_scale=scale)
+        trainer = Trainer(cfg, [pair], [], tmp_path / scale, progress=False)
+        terms[scale] = trainer._frame_terms(frames[-1], frames).detach().numpy()
+    assert terms["total"][0] == pytest.approx(error**2, rel=1e-6)
+    assert terms["per-atom"][0] == pytest.approx((error / n_atoms) ** 2, rel=1e-6)
+    assert terms["total"][-1] == pytest.approx(0.0, abs=1e-20)  # the relaxed frame is the energy reference
+    with pytest.raises(ValueError, match="energy_scale"):
+        TrainConfig(energy_scale="per-structure")
 
 
 def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp_path):

@@ -88,6 +88,12 @@ def finetune_command(
     stress_weight: float = typer.Option(DEFAULTS.stress_weight, "--stress-weight", min=0.0,
                                         help="Weight of the stress MSE (GPa^2) on DFT frames that carry a stress "
                                         "(cell relaxations), next to forces (1) and energies (1)."),
+    energy_weight: float = typer.Option(DEFAULTS.energy_weight, "--energy-weight", min=0.0,
+                                        help="Weight of the squared error of each DFT frame's energy relative to "
+                                        "the relaxed frame, next to the force MSE (weight 1)."),
+    energy_scale: str = typer.Option(DEFAULTS.energy_scale, "--energy-scale",
+                                     help="per-atom ((eV/atom)^2, CHGNet's convention) | total (eV^2: the energy "
+                                     "differences between a defect's configurations)."),
     fixed_cell_stress: bool = typer.Option(DEFAULTS.fixed_cell_stress, "--fixed-cell-stress",
                                            help="Also fit the stress that frames of fixed-cell relaxations carry "
                                            "(off: on the Γ-only Si defects it cost accuracy on unseen types)."),
@@ -145,7 +151,7 @@ def finetune_command(
             embedding_lr=embedding_lr,
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
             seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight,
-            fixed_cell_stress=fixed_cell_stress, start=start,
+            fixed_cell_stress=fixed_cell_stress, energy_weight=energy_weight, energy_scale=energy_scale, start=start,
             val_start=val_start, dq_scale=dq_scale,
         )
     except ValueError as exc:

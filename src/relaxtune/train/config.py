@@ -8,8 +8,9 @@ from typing import Any
 
 OBJECTIVES = ("structure", "forces", "structure+forces")
 DQ_SCALES = ("absolute", "pretrained")
+ENERGY_SCALES = ("per-atom", "total")
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
-BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute"}
+BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom"}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -52,6 +53,10 @@ class TrainConfig:
     relaxations carry (the shipped Si defects: their relaxed frame). Off by default: on the Γ-only Si defects it
     pinned the host pressure (mean error 1.0 → 0.14-0.33 GPa) but unseen defect types came out 6% worse than
     pretrained instead of 1% better (2 seeds against 3; docs/results.md, "Update, 2026-12-01 (06:45-09:40)").
+    ``energy_scale``: the relative energy's error per atom ("per-atom", CHGNet's convention) or in total eV
+    ("total": the energy differences between a defect's configurations, which per atom weigh 1/N² as much; on
+    the Si defects it made CHGNet as stiff as DFT but placed atoms worse, docs/results.md, "Update, 2026-12-02
+    (14:20-17:20 UTC)").
     ``objective="structure+forces"``: Dq plus ``forces_mix`` times each structure's mean energy/force loss over
     its DFT frames (both averaged over structures).
     ``dq_scale="pretrained"`` divides each training structure's structure loss by the pretrained model's Dq
@@ -97,6 +102,7 @@ class TrainConfig:
     # loss (forces objective)
     force_weight: float = 1.0
     energy_weight: float = 1.0
+    energy_scale: str = "per-atom"  # the relative-energy error per atom (CHGNet's convention) or in total eV
     stress_weight: float = 0.1  # per GPa^2, on frames with a DFT stress
     fixed_cell_stress: bool = False  # also the stress of fixed-cell frames (e.g. the relaxed one), see above
     frame_chunk: int = 8
@@ -144,6 +150,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(STARTS)}")
         if self.dq_scale not in DQ_SCALES:
             raise ValueError(f"dq_scale: {self.dq_scale!r} is not one of {', '.join(DQ_SCALES)}")
+        if self.energy_scale not in ENERGY_SCALES:
+            raise ValueError(f"energy_scale: {self.energy_scale!r} is not one of {', '.join(ENERGY_SCALES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.hybrid_head not in ("full", "checkpoint"):

@@ -333,7 +333,8 @@ class Trainer:
 
     def _frame_terms(self, ref, frames: list, use_stress: bool = True) -> torch.Tensor:
         """Energy/force(/stress) loss of each DFT frame (len(frames),), with the graph: MSE of the forces,
-        squared error of the energy relative to the relaxed frame ``ref`` per atom, and, on frames that carry a
+        squared error of the energy relative to the relaxed frame ``ref`` (per atom, or in total eV with
+        ``energy_scale="total"``), and, on frames that carry a
         DFT stress (every frame of a cell relaxation; the relaxed frame of a fixed-cell one where it was
         computed), ``stress_weight`` x the MSE of the stress in GPa."""
         c = self.config
@@ -346,7 +347,9 @@ class Trainer:
         e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
         f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
                              device=self.device)
-        e_term = ((ef.energy[1:] - ef.energy[0]) - (e_dft[1:] - e_dft[0])) ** 2 / float(len(ref)) ** 2
+        e_term = ((ef.energy[1:] - ef.energy[0]) - (e_dft[1:] - e_dft[0])) ** 2
+        if c.energy_scale == "per-atom":
+            e_term = e_term / float(len(ref)) ** 2
         f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
         terms = c.energy_weight * e_term + c.force_weight * f_per[1:]
         if with_stress:
