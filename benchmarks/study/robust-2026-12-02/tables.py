@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 EARLIER = HERE.parent / "generalise-2026-12-01"
 EARLIER_SETS = ("hot", "r2b", "new", "h3", "x")
 #: an evaluation named differently from its run folder (D2sfL is D2sf's last.pt)
-RUN_FOLDER = {"D2sfL": "D2sf"}
+RUN_FOLDER = {"D2sfL": "D2sf", **{f"{r}_{c}": r for r in ("SE4225", "SE4225s1") for c in ("best", "last")}}
 UNSEEN_TYPES = ("int_H", "As_V", "sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
 TEST_TYPES = UNSEEN_TYPES[2:]
 
@@ -174,7 +174,15 @@ def main(argv: list[str]) -> None:
     common_heldout("The same with the two seed-3 rattles that arrived later (runs evaluated this session or the last)",
                    ["D2sfL", "D5sf", "D20", "FULL", "F2s1", "F2s2"],
                    ["vacancy_3", "sub_B_3", "sub_P_3", "int_T_3", "sub_Al_3"])
-    movement(["SF", "F2s1", "F2s2", "D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy", "R2k10",
+    table("Relative energies in total eV (`--energy-scale total`, energy weight 1 per eV²) against per atom (the "
+          "default recipe's SF seeds), 10 structures of si-defects-mini", ["SF", "SFs1", "SFs2", "SE4225_best",
+          "SE4225_last", "SE4225s1_best", "SE4225s1_last"])
+    seeds({"default (per-atom energies)": ["SF", "SFs1", "SFs2"], "total eV, best.pt": ["SE4225_best", "SE4225s1_best"],
+           "total eV, last.pt": ["SE4225_last", "SE4225s1_last"]})
+    common_heldout("Relative energies in total eV on the seed-3 rattles and the T-site interstitials",
+                   ["D20", "FULL", "F2s2", "SE4225_best", "SE4225_last", "SE4225s1_best", "SE4225s1_last"],
+                   ["vacancy_3", "sub_B_3", "sub_P_3", "int_T_2", "int_T_3", "sub_Al_3"])
+    movement(["SE4225", "SE4225s1", "SF", "F2s1", "F2s2", "D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy", "R2k10",
               "R2k25", "R2k50", "R2k150", "R2gd50", "R2gd50L", "D5sf", "D20", "FULL"])
 
 
