@@ -179,6 +179,9 @@ def main(argv: list[str]) -> None:
           "SE4225_last", "SE4225s1_best", "SE4225s1_last"])
     seeds({"default (per-atom energies)": ["SF", "SFs1", "SFs2"], "total eV, best.pt": ["SE4225_best", "SE4225s1_best"],
            "total eV, last.pt": ["SE4225_last", "SE4225s1_last"]})
+    table("Relative energies in total eV on two training structures (vacancy_1, sub_B_1; no interstitial): "
+          "`--energy-scale total --energy-weight 1` (D2te1) and `0.1` (D2te01) against the default (D2sfL), last.pt",
+          ["D2sfL", "D2te1", "D2te01"])
     common_heldout("Relative energies in total eV on the seed-3 rattles and the T-site interstitials",
                    ["D20", "FULL", "F2s2", "SE4225_best", "SE4225_last", "SE4225s1_best", "SE4225s1_last"],
                    ["vacancy_3", "sub_B_3", "sub_P_3", "int_T_2", "int_T_3", "sub_Al_3"])
