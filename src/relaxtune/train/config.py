@@ -139,21 +139,13 @@ class TrainConfig:
         from relaxtune.evaluate import STARTS
         from relaxtune.relax.implicit import GRAD_MODES
 
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if self.grad not in GRAD_MODES or self.grad == "none":
-            raise ValueError(f"grad: {self.grad!r} is not one of {', '.join(GRAD_MODES[1:])}")
+        choices = {"objective": OBJECTIVES, "grad": GRAD_MODES[1:], "start": STARTS, "val_start": STARTS,
+                   "dq_scale": DQ_SCALES, "energy_scale": ENERGY_SCALES, "schedule": SCHEDULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.optimizer not in ("fire", "gd"):
             raise ValueError(f"optimizer: {self.optimizer!r} is not fire or gd")
-        for name in ("start", "val_start"):
-            if getattr(self, name) not in STARTS:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(STARTS)}")
-        if self.dq_scale not in DQ_SCALES:
-            raise ValueError(f"dq_scale: {self.dq_scale!r} is not one of {', '.join(DQ_SCALES)}")
-        if self.energy_scale not in ENERGY_SCALES:
-            raise ValueError(f"energy_scale: {self.energy_scale!r} is not one of {', '.join(ENERGY_SCALES)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.hybrid_head not in ("full", "checkpoint"):
             raise ValueError(f"hybrid_head: {self.hybrid_head!r} is not full or checkpoint")
         if self.dtype not in ("float32", "float64"):

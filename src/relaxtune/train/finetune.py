@@ -334,9 +334,9 @@ class Trainer:
     def _frame_terms(self, ref, frames: list, use_stress: bool = True) -> torch.Tensor:
         """Energy/force(/stress) loss of each DFT frame (len(frames),), with the graph: MSE of the forces,
         squared error of the energy relative to the relaxed frame ``ref`` (per atom, or in total eV with
-        ``energy_scale="total"``), and, on frames that carry a
-        DFT stress (every frame of a cell relaxation; the relaxed frame of a fixed-cell one where it was
-        computed), ``stress_weight`` x the MSE of the stress in GPa."""
+        ``energy_scale="total"``), and, on frames that carry a DFT stress (every frame of a cell relaxation; the
+        relaxed frame of a fixed-cell one where it was computed), ``stress_weight`` x the MSE of the stress in
+        GPa."""
         c = self.config
         structures = [ref] + list(frames)
         stresses = [frame_stress(a) if use_stress else None for a in frames]
