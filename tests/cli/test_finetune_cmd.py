@@ -43,6 +43,7 @@ def test_finetune_writes_outputs_and_uses_the_dataset_split(monkeypatch, capsys,
     assert printed["val_dq_after"] < printed["val_dq_before"]
     ck = torch.load(out / "best.pt", weights_only=True)
     assert ck["model_spec"] == "sw" and ck["config"]["grad"] == "implicit"
+    assert (ck["config"]["energy_scale"], ck["config"]["energy_weight"]) == ("total", 0.1)  # the objective's default
 
 
 def test_finetune_says_when_best_is_the_pretrained_model(monkeypatch, capsys, dataset, tmp_path):

@@ -416,6 +416,18 @@ def test_energy_scale_total_fits_the_relative_energy_in_eV_not_per_atom(tmp_path
         TrainConfig(energy_scale="per-structure")
 
 
+def test_the_energy_term_defaults_follow_the_objective_and_explicit_values_win():
+    """Unset, the baseline fits energies per atom with weight 1 (CHGNet's convention) and the structure
+    objectives in total eV with weight 0.1; a value given is kept, for every objective."""
+    unset = {o: (TrainConfig(objective=o).energy_scale, TrainConfig(objective=o).energy_weight)
+             for o in ("forces", "structure", "structure+forces")}
+    assert unset == {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "structure+forces": ("total", 0.1)}
+    assert TrainConfig().energy_scale == "total"
+    for objective in unset:
+        given = TrainConfig(objective=objective, energy_scale="per-atom", energy_weight=2.0)
+        assert (given.energy_scale, given.energy_weight) == ("per-atom", 2.0)
+
+
 def test_training_from_the_initial_structure_of_a_cell_relaxation_is_refused(tmp_path):
     pair, _ = make_cell_relaxation()
     with pytest.raises(ValueError, match="'si8_cell'.*relaxed the cell.*--start relaxed"):

@@ -14,7 +14,10 @@ HERE = Path(__file__).resolve().parent
 EARLIER = HERE.parent / "generalise-2026-12-01"
 EARLIER_SETS = ("hot", "r2b", "new", "h3", "x")
 #: an evaluation named differently from its run folder (D2sfL is D2sf's last.pt)
-RUN_FOLDER = {"D2sfL": "D2sf", **{f"{r}_{c}": r for r in ("SE4225", "SE4225s1") for c in ("best", "last")}}
+RUN_FOLDER = {"D2sfL": "D2sf", **{f"{r}_{c}": r for r in ("SE4225", "SE4225s1", "SEt03", "SEt01", "S7def")
+                                   for c in ("best", "last")}}
+#: the pretrained model each run is compared with, where it is not CHGNet (PRE)
+PRETRAINED = {"S7def_best": "SPRE", "S7def_last": "SPRE"}
 UNSEEN_TYPES = ("int_H", "As_V", "sub_As", "sub_Ge", "int_P", "sub_Ga", "sub_Sb")
 TEST_TYPES = UNSEEN_TYPES[2:]
 
@@ -43,6 +46,8 @@ def baseline(run: str) -> dict[str, dict]:
     """Pretrained CHGNet from the same evaluation as ``run`` (capped the same way for ``RUN_sK``): FIRE in batches
     of 4 follows slightly different paths for different batch-mates (float32), and int_P_2 ends 0.24 apart
     (6.41 / 6.65) between them."""
+    if run in PRETRAINED:
+        return evaluation(PRETRAINED[run])
     cap = split_cap(run)[1]
     if cap:
         return evaluation("PRE" + cap)
@@ -185,7 +190,14 @@ def main(argv: list[str]) -> None:
     common_heldout("Relative energies in total eV on the seed-3 rattles and the T-site interstitials",
                    ["D20", "FULL", "F2s2", "SE4225_best", "SE4225_last", "SE4225s1_best", "SE4225s1_last"],
                    ["vacancy_3", "sub_B_3", "sub_P_3", "int_T_2", "int_T_3", "sub_Al_3"])
-    movement(["SE4225", "SE4225s1", "SF", "F2s1", "F2s2", "D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy", "R2k10",
+    table("Relative energies in total eV at weights 0.3 (SEt03) and 0.1 (SEt01, the default since 2026-12-03), "
+          "si-defects-mini, seed 0", ["SF", "SFs1", "SFs2", "SEt03_best", "SEt03_last", "SEt01_best", "SEt01_last"])
+    seeds({"per atom, weight 1 (SF seeds)": ["SF", "SFs1", "SFs2"], "total eV, weight 1": ["SE4225_best", "SE4225s1_best"],
+           "total eV, weight 0.3 (one seed; ± 0)": ["SEt03_best", "SEt03_best"],
+           "total eV, weight 0.1 (one seed; ± 0)": ["SEt01_best", "SEt01_best"]})
+    table("SevenNet-0 with the structure+forces recipe (per-atom energies, 2 epochs, best.pt), against pretrained "
+          "SevenNet-0 (SPRE)", ["S7def_best"])
+    movement(["SEt03", "SEt01", "S7def", "SE4225", "SE4225s1", "SF", "F2s1", "F2s2", "D2sfL", "D2e05", "D2e2", "D2k10", "D2k25", "D2ck", "D2ckL", "D2hy", "R2k10",
               "R2k25", "R2k50", "R2k150", "R2gd50", "R2gd50L", "D5sf", "D20", "FULL"])
 
 

@@ -87,13 +87,15 @@ def finetune_command(
                                      "energy/force MSE against Dq."),
     stress_weight: float = typer.Option(DEFAULTS.stress_weight, "--stress-weight", min=0.0,
                                         help="Weight of the stress MSE (GPa^2) on DFT frames that carry a stress "
-                                        "(cell relaxations), next to forces (1) and energies (1)."),
-    energy_weight: float = typer.Option(DEFAULTS.energy_weight, "--energy-weight", min=0.0,
-                                        help="Weight of the squared error of each DFT frame's energy relative to "
-                                        "the relaxed frame, next to the force MSE (weight 1)."),
-    energy_scale: str = typer.Option(DEFAULTS.energy_scale, "--energy-scale",
-                                     help="per-atom ((eV/atom)^2, CHGNet's convention) | total (eV^2: the energy "
-                                     "differences between a defect's configurations)."),
+                                        "(cell relaxations), next to forces (1) and energies (--energy-weight)."),
+    energy_weight: Optional[float] = typer.Option(None, "--energy-weight", min=0.0,
+                                                  help="Weight of the squared error of each DFT frame's energy "
+                                                  "relative to the relaxed frame, next to the force MSE (weight 1). "
+                                                  "Default: 0.1, or 1 with --objective forces."),
+    energy_scale: Optional[str] = typer.Option(None, "--energy-scale",
+                                               help="per-atom ((eV/atom)^2, CHGNet's convention) | total (eV^2: the "
+                                               "energy differences between a defect's configurations). Default: "
+                                               "total, or per-atom with --objective forces."),
     fixed_cell_stress: bool = typer.Option(DEFAULTS.fixed_cell_stress, "--fixed-cell-stress",
                                            help="Also fit the stress that frames of fixed-cell relaxations carry "
                                            "(off: on the Γ-only Si defects it cost accuracy on unseen types)."),
