@@ -382,7 +382,7 @@ def test_fixed_cell_stress_is_fitted_only_when_asked(tmp_path):
             for pair in (cell_pair, fixed_pair):
                 totals[opt_in, weight, pair.name] = sum(
                     float(trainer._frame_terms(ref, frames, use_stress).sum())
-                    for _, ref, frames, use_stress in trainer._frame_chunks([pair]))
+                    for _, ref, frames, _, use_stress in trainer._frame_chunks([pair]))
     assert totals[False, 1.0, "fixed"] == totals[False, 0.0, "fixed"]
     assert totals[True, 1.0, "fixed"] > totals[True, 0.0, "fixed"] + 0.1
     for opt_in in (False, True):

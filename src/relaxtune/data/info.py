@@ -225,10 +225,10 @@ def datasheet(name: str) -> str:
         lines += _table(["group", "split", "structures", "converged", "atoms"], rows)
     views = [d for d in DATASETS.values() if d.is_view and d.folder == ds.folder]
     for view in views:
-        members = [p for p in pairs if view.select(p)]
+        members = [p for p in pairs if view.view.keeps_pair(p)]
         by_split = Counter(p.split or "-" for p in members)
         lines += ["", f"## View `builtin:{view.name}`", "", view.description,
-                  f"Selection: `{view.select_text}`; {len(members)} structures present "
+                  f"Selection: `{view.view.text}`; {len(members)} structures present "
                   f"(of {len(view.expected_names())} planned): "
                   + ", ".join(f"{s} {by_split.get(s, 0)}" for s in (splits or {"-": []})) + "."]
     if failed:

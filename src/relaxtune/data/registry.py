@@ -8,10 +8,8 @@ without copying files: the small default that trains in minutes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 from relaxtune.data.pairs import DataError, RelaxationPair, read_directory, read_splits_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -23,8 +21,28 @@ REFERENCE_LEVEL = (
 )
 
 
-def _seed_one(pair: RelaxationPair) -> bool:
-    return int(pair.info.get("seed", -1)) == 1
+@dataclass(frozen=True)
+class View:
+    """Which structures of its parent dataset a view keeps: rattle seeds and splits (None = all)."""
+
+    seeds: tuple[int, ...] | None = None
+    splits: tuple[str, ...] | None = None
+
+    def keeps(self, seed: int, split: str | None) -> bool:
+        return ((self.seeds is None or seed in self.seeds)
+                and (self.splits is None or split in self.splits))
+
+    def keeps_pair(self, pair: RelaxationPair) -> bool:
+        return self.keeps(int(pair.info.get("seed", -1)), pair.split)
+
+    @property
+    def text(self) -> str:
+        parts = []
+        if self.seeds is not None:
+            parts.append(f"seed in {list(self.seeds)}")
+        if self.splits is not None:
+            parts.append(f"split in {list(self.splits)}")
+        return " and ".join(parts) or "all"
 
 
 @dataclass(frozen=True)
@@ -38,8 +56,7 @@ class BuiltinDataset:
     settings: str  # level of theory beyond REFERENCE_LEVEL (cell, k-points)
     regenerate: tuple[str, ...]  # shell commands that remake it
     builder: str  # relaxtune.data.builders function that builds the inputs ("" for none)
-    select: Callable[[RelaxationPair], bool] | None = field(default=None, compare=False)
-    select_text: str = ""
+    view: View | None = None  # a view of the dataset in ``folder``: what it keeps
 
     @property
     def directory(self) -> Path:
@@ -47,7 +64,7 @@ class BuiltinDataset:
 
     @property
     def is_view(self) -> bool:
-        return self.select is not None
+        return self.view is not None
 
     def splits(self) -> dict[str, list[str]]:
         path = self.directory / "splits.json"
@@ -59,10 +76,12 @@ class BuiltinDataset:
 
         if not self.builder:
             return []
-        out = [(a.info["name"], a.info["group"]) for a in getattr(builders, self.builder)()]
-        if self.name == "si-defects-mini":
-            out = [(n, g) for n, g in out if n.endswith("_1")]
-        return out
+        built = getattr(builders, self.builder)()
+        if self.view is None:
+            return [(a.info["name"], a.info["group"]) for a in built]
+        split_of = {g: s for s, groups in self.splits().items() for g in groups}
+        return [(a.info["name"], a.info["group"]) for a in built
+                if self.view.keeps(int(a.info.get("seed", -1)), split_of.get(a.info["group"]))]
 
     def expected_names(self, split: str | None = None) -> list[str]:
         """Names of the planned structures, optionally only those of one split."""
@@ -108,7 +127,28 @@ DATASETS: dict[str, BuiltinDataset] = {
         settings="as si-defects",
         regenerate=("# a view: regenerate si-defects",),
         builder="build_si_defects",
-        select=_seed_one, select_text="info['seed'] == 1",
+        view=View(seeds=(1,)),
+    ),
+    "si-defects-heldout-trained": BuiltinDataset(
+        name="si-defects-heldout-trained", folder="si-defects",
+        description=("View of si-defects: the structures of si-defects-mini's training types that it does not "
+                     "train on (the rattles of seeds 2 and 3): new structures of the trained defect types."),
+        structures="the seed-2 and seed-3 structures of the train split of si-defects (no files of its own)",
+        settings="as si-defects",
+        regenerate=("# a view: regenerate si-defects",),
+        builder="build_si_defects",
+        view=View(seeds=(2, 3), splits=("train",)),
+    ),
+    "si-defects-heldout-unseen": BuiltinDataset(
+        name="si-defects-heldout-unseen", folder="si-defects",
+        description=("View of si-defects: every structure of the defect types outside the train split (the "
+                     "validation and test types, all rattles): defect types a model trained on the train split "
+                     "never saw."),
+        structures="all structures of the val and test splits of si-defects (no files of its own)",
+        settings="as si-defects",
+        regenerate=("# a view: regenerate si-defects",),
+        builder="build_si_defects",
+        view=View(splits=("val", "test")),
     ),
     "crystals": BuiltinDataset(
         name="crystals", folder="crystals",
@@ -153,8 +193,8 @@ def load_builtin(spec: str) -> list[RelaxationPair]:
         raise DataError(f"builtin:{ds.name}: files: no relaxations shipped yet in {ds.directory} "
                         f"(regenerate: {ds.regenerate[0]})")
     pairs = read_directory(ds.directory)
-    if ds.select is not None:
-        pairs = [p for p in pairs if ds.select(p)]
+    if ds.view is not None:
+        pairs = [p for p in pairs if ds.view.keeps_pair(p)]
     for p in pairs:
         p.info.setdefault("dataset", ds.name)
     if split is not None:

@@ -68,6 +68,7 @@ class ImplicitStats:
     cg_converged: list[bool] = field(default_factory=list)
     negative_curvature: list[bool] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
+    solution: torch.Tensor | None = None  # v = (H+λ)⁻¹ P g (n_atoms, 3), zero where no solve ran
     truncated: int = 0  # structures whose CG stopped at a direction of negative curvature
     fallback: int = 0  # hybrid mode: structures whose gradient went through the unrolled head instead
 
@@ -101,19 +102,34 @@ def _translation_projector(batch: Batch, enabled: bool):
 
 
 def conjugate_gradient(
-    matvec, b: torch.Tensor, system_idx: torch.Tensor, n_sys: int, tol: float, max_iter: int
+    matvec, b: torch.Tensor, system_idx: torch.Tensor, n_sys: int, tol: float, max_iter: int,
+    x0: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Solve A x = b for a block-diagonal SPD ``matvec`` (one block per structure), all blocks at once.
 
-    Each structure has its own step sizes and stops on its own; a non-positive curvature pᵀAp <= 0 makes it
-    stop there, keeping its current iterate (truncated CG). Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
+    Each structure has its own step sizes and stops on its own (||r|| <= tol ||b||); a non-positive curvature
+    pᵀAp <= 0 makes it stop there, keeping its current iterate (truncated CG). ``x0``: a guess (e.g. the
+    previous solve's solution for a nearby system), rescaled per structure to minimise the A-norm error along
+    it (one extra matvec); a structure whose guess has no positive curvature or does not lower the residual
+    starts from zero. Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
     """
     x = torch.zeros_like(b)
     r = b.clone()
+    b_norm = _sys_dot(b, b, system_idx, n_sys).sqrt()
+    if x0 is not None:
+        x0 = x0.to(b)
+        ax0 = matvec(x0)
+        curvature = _sys_dot(x0, ax0, system_idx, n_sys)
+        scale = torch.where(curvature > 0, _sys_dot(x0, b, system_idx, n_sys) / curvature.clamp_min(1e-300),
+                            torch.zeros_like(curvature))
+        r0 = b - _per_atom(scale, system_idx) * ax0
+        better = _sys_dot(r0, r0, system_idx, n_sys).sqrt() < b_norm
+        scale = torch.where(better, scale, torch.zeros_like(scale))
+        x = _per_atom(scale, system_idx) * x0
+        r = torch.where(_per_atom(better, system_idx), r0, b)
     p = r.clone()
     rs = _sys_dot(r, r, system_idx, n_sys)
-    b_norm = rs.sqrt()
-    active = b_norm > 0
+    active = rs.sqrt() > tol * b_norm
     converged = ~active
     negative = torch.zeros_like(active)
     it = 0
@@ -147,11 +163,12 @@ def implicit_vjp(
     params: Sequence[torch.Tensor],
     config: ImplicitConfig = ImplicitConfig(),
     prepared: Any = None,
+    guess: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, dict]:
     """The implicit vector-Jacobian product at a relaxed structure.
 
     Returns (dL/dθ for each of ``params`` (None where unused), v = (H+λ)⁻¹ P g, CG info). ``batch_star`` is the
-    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3).
+    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3); ``guess``: a starting point for v (CG's ``x0``).
     """
     if prepared is None:
         with torch.no_grad():
@@ -169,7 +186,8 @@ def implicit_vjp(
 
         rhs = project(g.to(x.dtype))
         v, info = conjugate_gradient(
-            hvp, rhs, batch_star.system_idx, batch_star.n_systems, config.cg_tol, config.cg_max_iter
+            hvp, rhs, batch_star.system_idx, batch_star.n_systems, config.cg_tol, config.cg_max_iter,
+            x0=project(guess.to(rhs)) if guess is not None else None,
         )
         grads: list[torch.Tensor | None] = [None] * len(params)
         if len(params) > 0:
@@ -211,8 +229,11 @@ class ImplicitFixedPoint(torch.autograd.Function):
         if bool(solve.any()) and ctx.n_params > 0:
             idx = torch.nonzero(solve).flatten()
             atom_mask = solve[sys_idx]
-            param_grads, _, info = implicit_vjp(model, batch_star.select(idx), g[atom_mask], params, cfg)
-            stats.cg_iterations += int(info["iterations"])
+            guess = spec.get("guess")
+            param_grads, v, info = implicit_vjp(model, batch_star.select(idx), g[atom_mask], params, cfg,
+                                                guess=guess[atom_mask] if guess is not None else None)
+            stats.solution = torch.zeros_like(g).index_put((atom_mask,), v.detach())
+            stats.cg_iterations += int(info["iterations"]) + (guess is not None)
             stats.cg_converged = info["converged"].tolist()
             stats.negative_curvature = info["negative"].tolist()
             stats.truncated += int(info["negative"].sum())
@@ -237,9 +258,11 @@ def implicit_positions(
     fallback: torch.Tensor | None = None,
     config: ImplicitConfig = ImplicitConfig(),
     stats: ImplicitStats | None = None,
+    guess: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """X* as a tensor whose backward is the implicit gradient into ``model``'s trainable parameters (and, with
-    ``x_head``, into the graph that produced the head positions)."""
+    ``x_head``, into the graph that produced the head positions). ``guess`` (n_atoms, 3): a starting point for
+    the CG solve, e.g. the solution of the previous solve of the same structures (``stats.solution``)."""
     params = trainable_parameters(model)
     if fallback is None:
         fallback = torch.zeros(batch_star.n_systems, dtype=torch.bool, device=batch_star.device)
@@ -250,6 +273,7 @@ def implicit_positions(
         "fallback": fallback.to(batch_star.device),
         "stats": stats if stats is not None else ImplicitStats(),
         "params": params,
+        "guess": guess.detach() if guess is not None else None,
     }
     return ImplicitFixedPoint.apply(batch_star.positions.detach(), x_head, spec, *params)
 
@@ -282,6 +306,7 @@ def relax_for_training(
     implicit: ImplicitConfig = ImplicitConfig(),
     prepared: Any = None,
     progress=None,
+    cg_guess: torch.Tensor | None = None,
 ) -> TrainingRelaxation:
     """Relax ``batch`` with ``model`` keeping the gradient that ``grad_mode`` asks for.
 
@@ -293,7 +318,7 @@ def relax_for_training(
     did not converge (or blew up) take the head's unrolled gradient instead (the tail treated as a constant
     shift).
     ``fallback_unconverged=False`` uses the fixed-point gradient at the end point even where the tail did not
-    converge (benchmarks that run exactly k steps).
+    converge (benchmarks that run exactly k steps). ``cg_guess``: a starting point for the implicit CG solve.
     """
     from relaxtune.relax import relax
 
@@ -314,7 +339,7 @@ def relax_for_training(
                            progress=progress)
         star = result.batch.replace(positions=result.batch.positions.detach())
         fallback = _blown(result, star)
-        x = implicit_positions(model, star, fallback=fallback, config=implicit, stats=stats)
+        x = implicit_positions(model, star, fallback=fallback, config=implicit, stats=stats, guess=cg_guess)
         return TrainingRelaxation(result=dataclasses.replace(result, batch=star.replace(positions=x)), stats=stats)
     # hybrid
     head_steps = max(1, min(int(hybrid_steps), int(config.max_steps)))
@@ -338,7 +363,8 @@ def relax_for_training(
     fallback = _blown(tail, star)
     if fallback_unconverged:
         fallback = fallback | ~tail.converged.to(torch.bool)
-    x = implicit_positions(model, star, x_head=x_head, fallback=fallback, config=implicit, stats=stats)
+    x = implicit_positions(model, star, x_head=x_head, fallback=fallback, config=implicit, stats=stats,
+                           guess=cg_guess)
     result = dataclasses.replace(tail, batch=star.replace(positions=x), n_steps=n_steps)
     return TrainingRelaxation(result=result, stats=stats)
 

@@ -14,7 +14,8 @@ ENERGY_SCALES = ("per-atom", "total")
 #: "Update, 2026-12-03")
 ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "structure+forces": ("total", 0.1)}
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
-BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom"}
+BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
+                        "frames_per_structure": 0, "warm_start": False}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -64,7 +65,12 @@ class TrainConfig:
     made CHGNet as stiff as DFT and, at 0.1, placed unseen defect types 11.7% closer to DFT against 3.6 ± 5.0%
     per atom (docs/results.md, "Update, 2026-12-03").
     ``objective="structure+forces"``: Dq plus ``forces_mix`` times each structure's mean energy/force loss over
-    its DFT frames (both averaged over structures).
+    its DFT frames (both averaged over structures); each step estimates that mean from
+    ``frames_per_structure`` frames (the relaxed one and one per stratum of the path, weighted to be unbiased:
+    ``relaxtune.train.frames``; 0 = every frame). ``warm_start`` (with ``start="relaxed"``): each epoch's
+    training relaxation of a structure starts where the previous epoch's ended, near the model's minimum, and
+    its implicit CG solve starts from the previous epoch's solution. ``cg_tol`` 1e-2: the gradient differs from
+    the one at 1e-4 by about 0.1% (docs/results.md, "Speed").
     ``dq_scale="pretrained"`` divides each training structure's structure loss by the pretrained model's Dq
     for it (measured once before the first epoch, from the same start, floored at ``dq_scale_floor``), so the
     loss is the mean *relative* error: a structure the pretrained model misses by 0.4 pulls as hard as one it
@@ -82,12 +88,13 @@ class TrainConfig:
     checkpoint_every: int = 1
     hybrid_steps: int = 10
     hybrid_head: str = "checkpoint"
-    cg_tol: float = 1e-3
+    cg_tol: float = 1e-2
     cg_max_iter: int = 100
     damping: float = 1e-3
     step_size: float | None = None  # η: GD step (Å²/eV, default 0.02) or FIRE's initial dt (default 0.1)
     learn_step: bool = False
     start: str = "relaxed"
+    warm_start: bool = True
     step_lr: float = 1e-2
     # optimisation
     epochs: int = 20
@@ -112,6 +119,7 @@ class TrainConfig:
     stress_weight: float = 0.1  # per GPa^2, on frames with a DFT stress
     fixed_cell_stress: bool = False  # also the stress of fixed-cell frames (e.g. the relaxed one), see above
     frame_chunk: int = 8
+    frames_per_structure: int = 4  # structure+forces: DFT frames fitted per structure and step (0 = all)
     forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
     # validation / stopping
     eval_fmax: float = 0.02
@@ -161,7 +169,10 @@ class TrainConfig:
             raise ValueError(f"hybrid_head: {self.hybrid_head!r} is not full or checkpoint")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
-        for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps"):
+        if self.frames_per_structure < 0:
+            raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
+        for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",
+                     "frame_chunk"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:

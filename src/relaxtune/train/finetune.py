@@ -39,6 +39,7 @@ from relaxtune.state import Batch
 from relaxtune.train import checkpoint as ckpt
 from relaxtune.train import losses
 from relaxtune.train.config import TrainConfig
+from relaxtune.train.frames import dft_frames, frame_rng, sample_frames
 
 #: CHGNet's module names (children of ``chgnet.model.CHGNet``; our adapter holds it as ``model``).
 CHGNET_READOUT = ("mlp", "readout_norm")
@@ -141,18 +142,7 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _frames(pair) -> list:
-    """DFT frames with energy and forces (the trajectory, else initial and final if they carry them)."""
-    frames = list(pair.trajectory) if pair.trajectory else [pair.initial, pair.final]
-    out = []
-    for a in frames:
-        try:
-            e, f = a.get_potential_energy(), a.get_forces()
-        except Exception:
-            continue
-        if e is not None and f is not None and np.all(np.isfinite(f)) and np.isfinite(e):
-            out.append(a)
-    return out
+_frames = dft_frames  # the name other modules and tests use
 
 
 def check_cell_pairs(pairs: Sequence, config: TrainConfig) -> None:
@@ -229,6 +219,10 @@ class Trainer:
         self.elapsed_before = 0.0
         self.dq_scale: list[float] = []  # per training structure (dq_scale="pretrained")
         self._train_index = {id(p): i for i, p in enumerate(self.train)}
+        self.minima: dict[int, np.ndarray] = {}  # training index -> last relaxed positions (warm_start)
+        self.cg_solutions: dict[int, np.ndarray] = {}  # training index -> last implicit solution (warm_start)
+        self._frames_cache: dict[int, list] = {}
+        self._epoch_now = 0  # the epoch being trained (frame draws)
 
     def _model_groups(self) -> list[dict[str, Any]]:
         """AdamW groups of the model: one, or with ``embedding_lr`` the per-element embeddings apart, so that an
@@ -290,13 +284,13 @@ class Trainer:
         from relaxtune.relax.implicit import relax_for_training
 
         c = self.config
-        batch = Batch.from_atoms(start_structures(pairs, c.start), dtype=self.dtype, device=self.device)
+        batch = Batch.from_atoms(self._starts(pairs), dtype=self.dtype, device=self.device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in pairs]), dtype=self.dtype,
                                  device=self.device)
         out = relax_for_training(
             self.model, batch, self._relax_config(), grad_mode=c.grad, step_params=self.step_params,
             truncate_steps=c.truncate_steps, checkpoint_every=c.checkpoint_every, hybrid_steps=c.hybrid_steps,
-            head_mode=c.hybrid_head, implicit=self._implicit_config(),
+            head_mode=c.hybrid_head, implicit=self._implicit_config(), cg_guess=self._cg_guess(pairs, batch),
         )
         res = out.result
         weights = losses.StructureLossWeights(dq=c.dq_weight, rmsd=c.rmsd_weight)
@@ -311,24 +305,82 @@ class Trainer:
             if loss.requires_grad:
                 loss.backward()
         if out.stats is not None:
+            self._remember(self.cg_solutions, pairs, batch, out.stats.solution, blew)
             stats.cg_iterations += out.stats.cg_iterations
             stats.fallback += out.stats.fallback
             stats.truncated += out.stats.truncated
         stats.steps.extend(res.n_steps.tolist())
         stats.converged.extend(res.converged.tolist())
+        self._remember(self.minima, pairs, res.batch, res.batch.positions, blew)
         loss_sum = float(torch.where(blew, torch.zeros_like(per), per).detach().sum())
         return loss_sum, n_ok, blew
 
-    def _frame_chunks(self, pairs: Sequence) -> list[tuple[int, Any, list, bool]]:
-        """(structure index, its relaxed DFT frame, up to ``frame_chunk`` DFT frames, whether their stress
-        counts) over ``pairs``: the stress of a cell relaxation always, of a fixed-cell one with
-        ``fixed_cell_stress``."""
+    def _starts(self, pairs: Sequence) -> list:
+        """Where each pair's training relaxation begins: ``config.start``, or with ``warm_start`` (from the
+        DFT-relaxed structure only) the minimum the previous epoch's relaxation of the same structure reached:
+        the model moves little per epoch, so its new minimum lies a few steps away."""
+        from relaxtune.evaluate import start_structures
+
+        starts = start_structures(pairs, self.config.start)
+        if not (self.config.warm_start and self.config.start == "relaxed"):
+            return starts
+        out = []
+        for pair, atoms in zip(pairs, starts):
+            previous = self.minima.get(self._train_index.get(id(pair), -1))
+            if previous is not None and previous.shape == atoms.positions.shape:
+                atoms = atoms.copy()
+                atoms.positions = previous
+            out.append(atoms)
+        return out
+
+    def _remember(self, store: dict[int, np.ndarray], pairs: Sequence, batch: Batch, values: torch.Tensor | None,
+                  blew: torch.Tensor) -> None:
+        """Keep each training structure's rows of ``values`` (where finite) for its next epoch: relaxed
+        positions (the warm start) or the implicit solve's solution (the next solve's guess)."""
+        if values is None or not self.config.warm_start:
+            return
+        values = values.detach().cpu().double().numpy()
+        for pair, sl, bad in zip(pairs, batch.system_slices(), blew.tolist()):
+            index = self._train_index.get(id(pair))
+            if index is not None and not bad and np.isfinite(values[sl]).all():
+                store[index] = values[sl].copy()
+
+    def _cg_guess(self, pairs: Sequence, batch: Batch) -> torch.Tensor | None:
+        """The previous epoch's implicit solutions of these structures as the CG starting point (zeros where
+        there is none), or None when there is none at all."""
+        if not self.config.warm_start or self.config.grad not in ("implicit", "hybrid"):
+            return None
+        rows = [self.cg_solutions.get(self._train_index.get(id(p), -1)) for p in pairs]
+        if all(r is None for r in rows):
+            return None
+        guess = torch.zeros_like(batch.positions)
+        for row, sl in zip(rows, batch.system_slices()):
+            if row is not None and row.shape == tuple(guess[sl].shape):
+                guess[sl] = torch.as_tensor(row, dtype=guess.dtype)
+        return guess
+
+    def _dft_frames(self, pair) -> list:
+        key = id(pair)
+        if key not in self._frames_cache:
+            self._frames_cache[key] = dft_frames(pair)
+        return self._frames_cache[key]
+
+    def _frame_chunks(self, pairs: Sequence, sample: bool = False) -> list[tuple[int, Any, list, list[float], bool]]:
+        """(structure index, its relaxed DFT frame, up to ``frame_chunk`` DFT frames, each frame's weight in its
+        structure's mean, whether their stress counts) over ``pairs``: every frame at weight 1/n, or with
+        ``sample`` the ``frames_per_structure`` frames of this epoch's draw (``sample_frames``). The stress
+        counts on a cell relaxation always, on a fixed-cell one with ``fixed_cell_stress``."""
+        c = self.config
         chunks = []
         for k, pair in enumerate(pairs):
-            frames = _frames(pair)
-            use_stress = bool(getattr(pair, "relax_cell", False)) or self.config.fixed_cell_stress
-            for i in range(0, len(frames), self.config.frame_chunk):
-                chunks.append((k, frames[-1], frames[i:i + self.config.frame_chunk], use_stress))
+            frames = self._dft_frames(pair)
+            index = self._train_index.get(id(pair), k)
+            picks = sample_frames(len(frames), c.frames_per_structure if sample else 0,
+                                  frame_rng(c.seed, self._epoch_now, index))
+            use_stress = bool(getattr(pair, "relax_cell", False)) or c.fixed_cell_stress
+            for i in range(0, len(picks), c.frame_chunk):
+                chunk = picks[i:i + c.frame_chunk]
+                chunks.append((k, frames[-1], [frames[j] for j, _ in chunk], [w for _, w in chunk], use_stress))
         return chunks
 
     def _frame_terms(self, ref, frames: list, use_stress: bool = True) -> torch.Tensor:
@@ -338,8 +390,10 @@ class Trainer:
         relaxed frame of a fixed-cell one where it was computed), ``stress_weight`` x the MSE of the stress in
         GPa."""
         c = self.config
-        structures = [ref] + list(frames)
-        stresses = [frame_stress(a) if use_stress else None for a in frames]
+        extra = [a for a in frames if a is not ref]  # the relaxed frame among ``frames`` reuses row 0
+        rows = [0 if a is ref else 1 + extra.index(a) for a in frames]
+        structures = [ref] + extra
+        stresses = [frame_stress(a) if use_stress else None for a in structures]
         with_stress = c.stress_weight > 0 and any(st is not None for st in stresses)
         batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
         ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True,
@@ -347,18 +401,18 @@ class Trainer:
         e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
         f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
                              device=self.device)
-        e_term = ((ef.energy[1:] - ef.energy[0]) - (e_dft[1:] - e_dft[0])) ** 2
+        e_term = ((ef.energy - ef.energy[0]) - (e_dft - e_dft[0])) ** 2
         if c.energy_scale == "per-atom":
             e_term = e_term / float(len(ref)) ** 2
         f_per = losses.force_loss(ef.forces, f_dft, batch.system_idx, batch.n_systems, batch.fixed)
-        terms = c.energy_weight * e_term + c.force_weight * f_per[1:]
+        terms = c.energy_weight * e_term + c.force_weight * f_per
         if with_stress:
             has = torch.tensor([st is not None for st in stresses], device=self.device)
             s_dft = torch.tensor(np.stack([np.zeros((3, 3)) if st is None else st for st in stresses]),
                                  dtype=self.dtype, device=self.device)
-            s_term = losses.stress_loss(ef.stress[1:], s_dft)
+            s_term = losses.stress_loss(ef.stress, s_dft)
             terms = terms + c.stress_weight * torch.where(has, s_term, torch.zeros_like(s_term))
-        return terms
+        return terms[torch.tensor(rows, dtype=torch.long, device=terms.device)]
 
     def _forces_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
         """Baseline: MSE of forces and relative energies over every DFT frame of ``pairs`` (chunks, grad
@@ -368,7 +422,7 @@ class Trainer:
         if n_frames == 0:
             return 0.0, 0, torch.zeros(len(pairs), dtype=torch.bool)
         total = 0.0
-        for _, ref, frames, use_stress in chunks:
+        for _, ref, frames, _, use_stress in chunks:
             loss = self._frame_terms(ref, frames, use_stress).sum()
             if loss.requires_grad:
                 (loss / n_frames).backward()  # the mean over the batch's frames
@@ -377,20 +431,18 @@ class Trainer:
 
     def _combined_loss(self, pairs: Sequence, stats: EpochStats) -> tuple[float, int, torch.Tensor]:
         """Dq through the relaxation plus ``forces_mix`` x each structure's mean energy/force loss over its DFT
-        frames, averaged over the structures whose relaxation did not blow up. The frames anchor the
+        frames (estimated from ``frames_per_structure`` of them per step), averaged over the structures whose
+        relaxation did not blow up. The frames anchor the
         potential energy surface along the whole DFT path (most atoms of a defect cell are bulk-like), which the
         relaxed end point alone constrains weakly."""
         loss_sum, n_ok, blew = self._structure_loss(pairs, stats)
         kept = [p for p, b in zip(pairs, blew.tolist()) if not b]
         if not n_ok:
             return loss_sum, n_ok, blew
-        chunks = self._frame_chunks(kept)
-        per_structure = [0] * len(kept)  # frames of each structure
-        for k, _, frames, _ in chunks:
-            per_structure[k] += len(frames)
         mix = self.config.forces_mix
-        for k, ref, frames, use_stress in chunks:
-            loss = self._frame_terms(ref, frames, use_stress).sum() / per_structure[k]
+        for _, ref, frames, weights, use_stress in self._frame_chunks(kept, sample=True):
+            terms = self._frame_terms(ref, frames, use_stress)
+            loss = (terms * torch.tensor(weights, dtype=terms.dtype, device=terms.device)).sum()
             if loss.requires_grad:
                 (loss * mix / n_ok).backward()
             loss_sum += mix * float(loss.detach())
@@ -499,6 +551,8 @@ class Trainer:
                 "theta0_modules": self.theta0_modules,
                 "elapsed": self.elapsed_before + (time.time() - self.started),
                 "dq_scale": self.dq_scale,
+                "minima": {str(i): torch.from_numpy(pos) for i, pos in self.minima.items()},
+                "cg_solutions": {str(i): torch.from_numpy(v) for i, v in self.cg_solutions.items()},
             }
         return data
 
@@ -530,6 +584,8 @@ class Trainer:
         self.theta0_modules = dict(tr["theta0_modules"])
         self.elapsed_before = float(tr.get("elapsed", 0.0))
         self.dq_scale = [float(v) for v in tr.get("dq_scale") or []]
+        self.minima = {int(i): pos.numpy() for i, pos in (tr.get("minima") or {}).items()}
+        self.cg_solutions = {int(i): v.numpy() for i, v in (tr.get("cg_solutions") or {}).items()}
         self.epoch = int(data["epoch"])
 
     # ------------------------------------------------------------------ the run
@@ -604,6 +660,7 @@ class Trainer:
             if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
                 return {}
             epoch = self.epoch + 1
+            self._epoch_now = epoch
             t0 = time.time()
             stats = EpochStats()
             order = self._epoch_order(epoch)
@@ -647,9 +704,20 @@ class Trainer:
             parts.append(f"{label} {row['val_dq_mean']:.4f}")
         if row.get("skipped_structures"):
             parts.append(f"skipped {row['skipped_structures']}")
+        parts.append(self._pace(row))
         if row.get("is_best"):
             parts.append("*")
         return "  ".join(parts)
+
+    def _pace(self, row: dict[str, Any]) -> str:
+        """Elapsed wall time, structures/s of the epoch and the time left at the mean epoch time so far."""
+        elapsed = self.elapsed_before + (time.time() - self.started)
+        text = f"[{_clock(elapsed)}"
+        epochs = [r["time_s"] for r in self.history if r["epoch"] > 0]
+        if row["epoch"] > 0 and row.get("time_s"):
+            left = (self.config.epochs - row["epoch"]) * (sum(epochs) / len(epochs)) if epochs else 0.0
+            text += f", {len(self.train) / row['time_s']:.2f} structures/s, ~{_clock(left)} left"
+        return text + "]"
 
     def summary(self) -> dict[str, Any]:
         before = self.history[0] if self.history else {}
@@ -698,6 +766,13 @@ class Trainer:
         if b is not None and a is not None and b > 0:
             out["val_dq_change"] = (a - b) / b
         return out
+
+
+def _clock(seconds: float) -> str:
+    """Wall time as m:ss (h:mm:ss past an hour)."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _jsonable(obj):
