@@ -105,3 +105,22 @@ def test_unsupported_element(model):
     atoms.numbers[:] = 95  # americium: beyond CHGNet's 94 elements
     with pytest.raises(UnsupportedElementError, match="Am"):
         model.prepare(Batch.from_atoms([atoms]))
+
+
+def test_padded_graph_is_exact_until_atoms_move_half_the_skin():
+    """The graph built with CHGNet's cutoffs plus the skin, kept while atoms move up to skin / 2, gives the
+    energy and forces of a graph built afresh at the new positions (float64)."""
+    from relaxtune.data.builders import rattle, si_defect
+
+    padded, fresh = CHGNetModel(dtype=torch.float64), CHGNetModel(dtype=torch.float64, skin=0.0)
+    batch = Batch.from_atoms([rattle(si_defect("vacancy"), 0.05, 1), si8()], dtype=torch.float64)
+    kept = padded.prepare(batch)
+    step = torch.from_numpy(np.random.default_rng(0).normal(size=tuple(batch.positions.shape)))
+    step = 0.24 * padded.skin * step / torch.linalg.vector_norm(step, dim=-1, keepdim=True)  # every atom ~skin/2
+    moved = batch.replace(positions=batch.positions + step)
+    old = energy_and_forces(fresh, moved, fresh.prepare(batch))  # the unpadded graph of the old positions
+    got = energy_and_forces(padded, moved, kept)
+    want = energy_and_forces(fresh, moved, fresh.prepare(moved))
+    torch.testing.assert_close(got.energy, want.energy, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.forces, want.forces, rtol=0, atol=1e-9)
+    assert float((old.forces - want.forces).abs().max()) > 1e-4  # without the skin the stale graph is not exact

@@ -124,3 +124,21 @@ def test_state_dict_round_trip_between_copies(model):
     prepared = tuned.prepare(batch)
     e_tuned, e_fresh, e_orig = (m.energy(batch, prepared).item() for m in (tuned, fresh, model))
     assert e_fresh == pytest.approx(e_tuned, abs=1e-5) and abs(e_tuned - e_orig) > 1e-3
+
+
+def test_padded_neighbour_list_is_exact_until_atoms_move_half_the_skin():
+    """Pairs listed within cutoff + skin and masked beyond the cutoff give, while atoms move up to skin / 2, the
+    energy and forces of a list built afresh at the new positions (float64)."""
+    padded, fresh = SevenNetModel(dtype=torch.float64), SevenNetModel(dtype=torch.float64, skin=0.0)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 1, 1)
+    atoms.rattle(0.05, seed=3)
+    batch = Batch.from_atoms([atoms, si8()], dtype=torch.float64)
+    kept = padded.prepare(batch)
+    step = torch.from_numpy(np.random.default_rng(0).normal(size=tuple(batch.positions.shape)))
+    step = 0.24 * padded.skin * step / torch.linalg.vector_norm(step, dim=-1, keepdim=True)
+    moved = batch.replace(positions=batch.positions + step)
+    got = energy_and_forces(padded, moved, kept)
+    want = energy_and_forces(fresh, moved, fresh.prepare(moved))
+    torch.testing.assert_close(got.energy, want.energy, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.forces, want.forces, rtol=0, atol=1e-9)
+    assert padded.prepare(batch).neighbors.i.shape[0] > fresh.prepare(batch).neighbors.i.shape[0]  # padded

@@ -2,8 +2,8 @@
 
 CHGNet's own path (``CrystalGraph`` -> ``BatchedGraph.from_graphs``) rebuilds bond vectors from fractional
 coordinates per graph in a Python loop, and its stress uses a detached cell volume. Here the crystal graphs
-are built once per unroll in :meth:`CHGNetModel.prepare` (pymatgen neighbor search via
-``model.graph_converter``), their index tensors concatenated with offsets into one batched topology, and
+are built in :meth:`CHGNetModel.prepare` (pymatgen neighbor search with CHGNet's cutoffs plus a skin, so that
+they stay exact while atoms move less than skin / 2), their index tensors concatenated with offsets into one batched topology, and
 :meth:`CHGNetModel.energy` computes every bond vector in one vectorised torch expression from the current
 Cartesian positions and cells:
 
@@ -50,6 +50,10 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
+#: Å; see ``CHGNetModel.skin``
+DEFAULT_SKIN = 0.5
+
+
 class CHGNetModel(EnergyModel):
     """CHGNet with differentiable energies in positions and cell, batched over structures.
 
@@ -59,8 +63,11 @@ class CHGNetModel(EnergyModel):
     name = "chgnet"
     supported_numbers = frozenset(range(1, 95))
 
-    def __init__(self, model=None, *, model_name: str = "0.3.0", dtype: torch.dtype = torch.float32):
+    def __init__(self, model=None, *, model_name: str = "0.3.0", dtype: torch.dtype = torch.float32,
+                 skin: float = DEFAULT_SKIN):
         super().__init__()
+        from chgnet.graph import CrystalGraphConverter
+
         if model is None:
             from chgnet.model import CHGNet
 
@@ -68,6 +75,15 @@ class CHGNetModel(EnergyModel):
                 model = CHGNet.load(model_name=model_name, use_device="cpu", verbose=False)
         model.graph_converter.set_isolated_atom_response("warn")
         self.model = model.to(dtype).eval()
+        #: graph padding (Å): graphs are built with both of CHGNet's cutoffs (atom graph 6 Å, bond graph 3 Å)
+        #: plus ``skin``. CHGNet's smooth envelopes vanish beyond its cutoffs, so the extra edges add exactly
+        #: nothing and the energy is exact until an atom moved skin / 2 (the relax loop re-prepares then).
+        self.skin = float(skin)
+        own = model.graph_converter
+        padded = CrystalGraphConverter(atom_graph_cutoff=own.atom_graph_cutoff + self.skin,
+                                       bond_graph_cutoff=own.bond_graph_cutoff + self.skin,
+                                       algorithm=own.algorithm, on_isolated_atoms="warn")
+        self.__dict__["padded_converter"] = padded  # not a submodule: no state of its own
 
     @property
     def cutoff(self) -> float:
@@ -94,7 +110,7 @@ class CHGNetModel(EnergyModel):
                 coords_are_cartesian=True,
             )
             with _quiet():
-                graph = self.model.graph_converter(structure)
+                graph = self.padded_converter(structure)
             graphs.append(graph)
             ag = graph.atom_graph.long().reshape(-1, 2)
             img = graph.neighbor_image.double().reshape(-1, 3).numpy()

@@ -50,7 +50,7 @@ class MACEModel(EnergyModel):
     name = "mace"
 
     def __init__(self, model: str | Path | torch.nn.Module, *, head: str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, skin: float = 0.5):
         super().__init__()
         _require_mace()
         if not isinstance(model, torch.nn.Module):
@@ -61,6 +61,9 @@ class MACEModel(EnergyModel):
             raise ValueError("MACE models with charge/spin embeddings or electrostatics are not supported")
         self.model = model.to(dtype).eval()
         self.cutoff = float(model.r_max)
+        #: neighbour-list padding (Å): pairs within cutoff + skin are listed and those beyond the cutoff masked
+        #: in ``energy``, so the energy is exact until an atom moved skin / 2 (the relax loop re-prepares then)
+        self.skin = float(skin)
         numbers = [int(z) for z in model.atomic_numbers]
         self.supported_numbers = frozenset(numbers)
         z_to_index = torch.full((max(numbers) + 1,), -1, dtype=torch.long)
@@ -79,7 +82,7 @@ class MACEModel(EnergyModel):
     @torch.no_grad()
     def prepare(self, batch: Batch) -> MACEPrepared:
         self.check_supported(batch)
-        nl = build_neighbor_list(batch, self.cutoff)
+        nl = build_neighbor_list(batch, self.cutoff + self.skin)
         index = self.z_to_index.to(batch.device)[batch.numbers]
         node_attrs = torch.nn.functional.one_hot(index, len(self.supported_numbers)).to(batch.dtype)
         counts = batch.n_atoms_per_system
@@ -93,13 +96,15 @@ class MACEModel(EnergyModel):
         if not positions.requires_grad:  # MACE flags positions as requiring grad in place: not the caller's
             positions = positions.clone()
         cell = batch.cell
-        shifts = torch.einsum("pk,pkl->pl", nl.shifts.to(positions.dtype), cell[nl.system_of_pair])
+        inside = torch.linalg.vector_norm(nl.vectors(positions, cell).detach(), dim=-1) < self.cutoff
+        unit_shifts = nl.shifts[inside].to(positions.dtype)
+        shifts = torch.einsum("pk,pkl->pl", unit_shifts, cell[nl.system_of_pair[inside]])
         data = {
             "positions": positions,
             "node_attrs": prepared.node_attrs,
-            "edge_index": prepared.edge_index,
+            "edge_index": prepared.edge_index[:, inside],
             "shifts": shifts,
-            "unit_shifts": nl.shifts.to(positions.dtype),
+            "unit_shifts": unit_shifts,
             "cell": cell,
             "batch": batch.system_idx,
             "ptr": prepared.ptr,

@@ -52,7 +52,7 @@ class SevenNetModel(EnergyModel):
 
     name = "sevennet"
 
-    def __init__(self, model="7net-0", *, dtype: torch.dtype = torch.float32):
+    def __init__(self, model="7net-0", *, dtype: torch.dtype = torch.float32, skin: float = 0.5):
         super().__init__()
         from sevenn.nn.sequential import AtomGraphSequential
 
@@ -76,6 +76,9 @@ class SevenNetModel(EnergyModel):
             net.replace_module("onehot_idx_to_onehot", _CastOutputs(net._modules["onehot_idx_to_onehot"], dtype))
         self.net = net.to(dtype).eval()
         self.cutoff = cutoff
+        #: neighbour-list padding (Å): pairs within cutoff + skin are listed and those beyond the cutoff masked
+        #: in ``energy``, so the energy is exact until an atom moved skin / 2 (the relax loop re-prepares then)
+        self.skin = float(skin)
         self.type_map = type_map
         self.supported_numbers = frozenset(int(z) for z in type_map)
 
@@ -91,16 +94,18 @@ class SevenNetModel(EnergyModel):
     @torch.no_grad()
     def prepare(self, batch: Batch) -> SevenNetPrepared:
         self.check_supported(batch)
-        nl = build_neighbor_list(batch, self.cutoff)
+        nl = build_neighbor_list(batch, self.cutoff + self.skin)
         return SevenNetPrepared(neighbors=nl, edge_index=torch.stack([nl.i, nl.j]))
 
     def energy(self, batch: Batch, prepared: SevenNetPrepared) -> torch.Tensor:
         vectors = prepared.neighbors.vectors(batch.positions, batch.cell)
+        inside = torch.linalg.vector_norm(vectors.detach(), dim=-1) < self.cutoff
+        vectors, edge_index = vectors[inside], prepared.edge_index[:, inside]
         data = {
             "atomic_numbers": batch.numbers,
             "x": batch.numbers,  # replaced by the one-hot index in the network's preprocessing
             "pos": batch.positions,
-            "edge_index": prepared.edge_index,
+            "edge_index": edge_index,
             "edge_vec": vectors,
             "batch": batch.system_idx,
             "num_atoms": batch.n_atoms_per_system,

@@ -22,10 +22,12 @@ Gradient modes (``grad_mode``):
   ``torch.utils.checkpoint`` (``use_reentrant=False``) and are recomputed in the backward pass: memory
   O(k / block + block), same gradient as ``full`` to round-off.
 
-Topology: ``model.prepare`` runs once at the start (positions are never wrapped mid-run). If the model has a
-neighbour-list ``skin`` attribute (Å, e.g. the classical potentials), it is re-prepared whenever an atom (or a
-lattice vector) moved more than skin / 2 since the last prepare, which keeps the energy exact. Models without
-a skin keep their topology for the whole call (DESIGN.md: 8e-5 eV/Å error over 10 CHGNet steps).
+Topology: ``model.prepare`` runs at the start (positions are never wrapped mid-run). A model with a
+neighbour-list ``skin`` attribute (Å: every shipped adapter lists pairs out to its cutoff plus the skin, so the
+energy is exact until an atom moved skin / 2) is re-prepared whenever an atom (or a lattice vector) moved more
+than skin / 2 since the last prepare. The energy is then the model's true energy at every step, so convergence
+is judged on true forces and a structure lands where it would alone, whatever else is in the batch. A model
+without a skin keeps its topology for the whole call.
 """
 
 from __future__ import annotations
