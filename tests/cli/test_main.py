@@ -33,3 +33,47 @@ def test_warnings_are_one_line(tmp_path):
     assert "warning: structure 'C_0': ecut 300 eV is below 500 eV" in proc.stderr
     assert "UserWarning" not in proc.stderr and "preflight(" not in proc.stderr
     assert proc.returncode == 2 and "no-such-pw.x not found" in proc.stderr
+
+
+def test_threads_default_to_the_cores_shared_by_the_local_ranks(monkeypatch):
+    import os
+
+    import torch
+
+    from relaxtune.cli import use_threads
+
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert use_threads(0) == cores == torch.get_num_threads()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+        assert use_threads(0) == 1
+        assert use_threads(3) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_ctrl_c_ends_a_command_with_exit_code_130(tmp_path):
+    """An interrupted command must not look successful to ``relaxtune ... && next``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ase.build import bulk
+    from ase.io import write
+
+    frames = []
+    for seed in range(8):
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 2, 2)
+        atoms.rattle(0.1, seed=seed)
+        frames.append(atoms)
+    write(tmp_path / "in.extxyz", frames)
+    proc = subprocess.Popen([sys.executable, "-m", "relaxtune", "relax", str(tmp_path / "in.extxyz"), "-o",
+                             str(tmp_path / "out.extxyz"), "--model", "sw", "--fmax", "1e-6", "--max-steps",
+                             "1000000", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past the imports, inside the relaxation
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "aborted" in err and "Traceback" not in err

@@ -17,6 +17,27 @@ class UserInputError(Exception):
     """A problem with the user's input, reported as one line (no traceback), exit code 2."""
 
 
+#: help text of every command's ``--threads``
+THREADS_HELP = ("torch CPU threads (0 = every core this process may use). Running several jobs on one machine, "
+                "give each its share (e.g. --threads 1 each on 2 cores): oversubscribed cores run many times slower.")
+
+
+def use_threads(threads: int) -> int:
+    """Set torch's CPU threads: ``threads``, or with 0 the cores this process may use, shared evenly by the
+    processes torchrun started on this machine (``LOCAL_WORLD_SIZE``). Returns the number."""
+    import os
+
+    import torch
+
+    if threads > 0:
+        n = threads
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(n)
+    return n
+
+
 def _register() -> None:
     import importlib
 
@@ -55,7 +76,7 @@ def main() -> None:
     _register()
     usage_errors = _usage_error_types()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns (not raises) the code of an Exit, e.g. 130 on Ctrl-C
     except UserInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -68,3 +89,7 @@ def main() -> None:
         else:
             typer.echo(f"error: {exc}", err=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    if isinstance(code, int) and code:
+        if code == 130:
+            typer.echo("aborted", err=True)
+        sys.exit(code)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import UserInputError, app
+from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
 
 CLASSICAL = {"lj", "sw"}
 
@@ -40,7 +40,7 @@ def evaluate_command(
     symprec: Optional[float] = typer.Option(None, "--symprec", help="Also report Dq up to a symmetry of each "
                                             "initial structure (spglib tolerance, Å; 0.6 for the shipped Si "
                                             "defects, rattled by 0.05 Å): dq_sym_mean, basin_match_sym_rate."),
-    threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default)."),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
                                          "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
@@ -59,8 +59,7 @@ def evaluate_command(
         raise UserInputError(f"--start {start}: not initial or relaxed")
     if symprec is not None and not symprec > 0:
         raise UserInputError(f"--symprec {symprec}: must be a positive distance in Å")
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     try:  # under torchrun: the structures are spread over the ranks, rank 0 prints and writes
         ctx = distributed.init_from_env(device)
     except ValueError as exc:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import UserInputError, app
+from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
 from relaxtune.train.config import TrainConfig
 
 CLASSICAL = {"lj", "sw"}
@@ -123,8 +123,7 @@ def finetune_command(
     step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float64 (default: float64 for sw/lj)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
-    threads: int = typer.Option(1, "--threads", min=0, help="torch CPU threads (0 = torch's default; 1 was "
-                                "3-20x faster on a shared machine)."),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
                                          "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
 ) -> None:
@@ -136,8 +135,7 @@ def finetune_command(
     from relaxtune.train import distributed
     from relaxtune.train.finetune import finetune
 
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     try:  # under torchrun: join the process group (data-parallel over the ranks; see train/distributed.py)
         ctx = distributed.init_from_env(device)
     except ValueError as exc:

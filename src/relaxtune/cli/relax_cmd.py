@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import UserInputError, app
+from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
 
 CLASSICAL = {"lj", "sw"}
 
@@ -96,8 +96,7 @@ def relax_cmd(
                                               "initial time step (default 0.1)."),
     index: str = typer.Option(":", help="Which frames of INPUT (ASE index: ':' all, '-1' last, '0:10')."),
     device: str = typer.Option("cpu", help="torch device (cpu, cuda)."),
-    threads: int = typer.Option(1, min=0, help="torch CPU threads (0 = torch's default). 1 was 3-20x faster than "
-                                "torch's default on a loaded 2-core machine; raise it on an idle many-core one."),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
 ) -> None:
     """Relax every structure of INPUT and write the relaxed structures to OUTPUT (extxyz)."""
     import numpy as np
@@ -117,8 +116,7 @@ def relax_cmd(
         raise UserInputError(f"--optimizer: must be fire or gd, got {optimizer!r}")
     if not output.parent.exists():
         raise UserInputError(f"{output}: folder {output.parent} does not exist")
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     frames = read_structures(input, index)
     net, dtype = _load(model, device)
     warning = unseen_species(net, frames)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import UserInputError, app
+from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
 
 
 @app.command("report")
@@ -25,14 +25,14 @@ def report(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Relaxation step cap (default: the run's)."),
     max_structures: Optional[int] = typer.Option(None, "--max-structures", help="Compare on at most this many."),
     traces: int = typer.Option(3, "--traces", help="How many structures get an energy-trace panel."),
-    threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest on a shared machine)."),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
 ) -> None:
     """Write a markdown and a self-contained HTML report (with PNG plots) for one fine-tuning run."""
     import torch
 
     from relaxtune.report import ReportError, write_report
 
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     try:
         result = write_report(run_dir, out, data=data, split=split, fmax=fmax, max_steps=max_steps,
                               max_structures=max_structures, traces=traces,
