@@ -119,3 +119,44 @@ def test_relax_chgnet_traj(monkeypatch, capsys, tmp_path):
     write(bad, [_si(), Atoms("Og", positions=[[0, 0, 0]], cell=[6, 6, 6], pbc=True)])
     code, _, stderr = run(monkeypatch, capsys, "relax", bad, "-o", out, "--model", "chgnet")
     assert code == 2 and "structure 1: element Og" in stderr
+
+
+def test_an_unwritable_output_is_found_before_any_compute(monkeypatch, capsys, tmp_path, si_file):
+    import os
+
+    (tmp_path / "folder.extxyz").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        for out, message in ((tmp_path / "folder.extxyz", "is a folder"), (tmp_path / "nope" / "o.extxyz", "does not exist"),
+                             (locked / "o.extxyz", "not writable")):
+            if message == "not writable" and os.access(locked, os.W_OK):
+                continue  # root ignores permissions
+            code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw")
+            assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_resume_keeps_the_finished_structures_and_relaxes_the_rest(monkeypatch, capsys, tmp_path, si_file):
+    """Output is written after every batch; --resume continues after what is there (the same input only)."""
+    out = tmp_path / "out.extxyz"
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--fmax", "0.01",
+                          "--batch-size", "2", "--index", "0:2")
+    assert code == 0, stderr
+    first = read(out, ":")
+    assert len(first) == 2
+    first[0].info["marker"] = "kept"  # an earlier run's frame, recognisable
+    write(out, first, format="extxyz")
+    code, stdout, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--fmax", "0.01",
+                               "--batch-size", "2", "--resume")
+    assert code == 0, stderr
+    assert "resuming: 2 of 3" in stderr
+    frames = read(out, ":")
+    assert [f.info["name"] for f in frames] == ["si_0", "si_1", "si_2"]
+    assert frames[0].info.get("marker") == "kept" and frames[2].info["converged"]
+    other = tmp_path / "other.extxyz"
+    write(other, [bulk("Si", "diamond", a=5.43)] * 3)  # 2 atoms each, not 8
+    code, _, stderr = run(monkeypatch, capsys, "relax", other, "-o", out, "--model", "sw", "--resume")
+    assert code == 2 and "not the first" in stderr

@@ -6,7 +6,8 @@
 
 The output holds one frame per input structure (in input order): relaxed positions (and cell with --cell),
 energy, forces (and stress with --cell), and in the frame's info ``n_steps``, ``converged``, ``fmax`` and
-``blew_up`` (next to the input's own info, e.g. ``name``).
+``blew_up`` (next to the input's own info, e.g. ``name``). It is rewritten atomically after every batch, so an
+interrupted run keeps every finished structure; ``--resume`` continues after them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,37 @@ def _load(spec: str, device: str):
     return model.to(device).eval(), dtype
 
 
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any compute if ``path`` cannot be written (a folder, a missing or read-only folder)."""
+    import os
+
+    if path.is_dir():
+        raise UserInputError(f"{option} {path}: is a folder, not a file")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserInputError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserInputError(f"{option} {path}: not writable")
+
+
+def finished_structures(output: Path, frames: list) -> list:
+    """The relaxed structures an earlier run of the same input wrote to ``output`` (``--resume``): they must be
+    the first structures of the input, in order, with the same atoms."""
+    from ase.io import read
+
+    if not output.exists():
+        return []
+    try:
+        done = read(str(output), index=":", format="extxyz")
+    except Exception as exc:
+        raise UserInputError(f"--resume {output}: cannot read the earlier output: {' '.join(str(exc).split())}") from None
+    if len(done) > len(frames) or any(
+            list(a.numbers) != list(b.numbers) for a, b in zip(done, frames)):
+        raise UserInputError(f"--resume {output}: holds structures that are not the first {len(done)} of the input "
+                             "(another input or --index?)")
+    return done
+
+
 def _batch_error(path: Path, offset: int, exc: Exception) -> UserInputError:
     """Map a 'structure k: ...' message from the engine or a model to the file's structure index."""
     msg = " ".join(str(exc).split())
@@ -77,6 +109,19 @@ def _batch_error(path: Path, offset: int, exc: Exception) -> UserInputError:
     if match:
         return UserInputError(f"{path}: structure {offset + int(match.group(1))}: {match.group(2)}")
     return UserInputError(f"{path}: structures {offset}..: {msg}")
+
+
+def _write_atomically(structures: list, output: Path) -> None:
+    """All finished structures to ``output`` (extxyz), replacing it in one step."""
+    import io
+
+    from ase.io import write
+
+    from relaxtune.train.checkpoint import atomic_write_text
+
+    buffer = io.StringIO()
+    write(buffer, structures, format="extxyz")
+    atomic_write_text(buffer.getvalue(), output)
 
 
 @app.command("relax")
@@ -97,12 +142,13 @@ def relax_cmd(
     index: str = typer.Option(":", help="Which frames of INPUT (ASE index: ':' all, '-1' last, '0:10')."),
     device: str = typer.Option("cpu", help="torch device (cpu, cuda)."),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Keep the structures OUTPUT already holds (an interrupted "
+                                "run of the same input) and relax the rest."),
 ) -> None:
     """Relax every structure of INPUT and write the relaxed structures to OUTPUT (extxyz)."""
     import numpy as np
     import torch
     from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.io import write
     from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa
     from tqdm import tqdm
@@ -114,8 +160,7 @@ def relax_cmd(
 
     if optimizer not in ("fire", "gd"):
         raise UserInputError(f"--optimizer: must be fire or gd, got {optimizer!r}")
-    if not output.parent.exists():
-        raise UserInputError(f"{output}: folder {output.parent} does not exist")
+    check_writable(output, "--output")
     use_threads(threads)
     frames = read_structures(input, index)
     net, dtype = _load(model, device)
@@ -132,9 +177,11 @@ def relax_cmd(
         raise _batch_error(input, 0, exc) from None
 
     start = time.perf_counter()
-    results = []
-    bar = tqdm(total=len(frames), unit="structure", desc=f"relax ({net.name})", leave=False)
-    for offset in range(0, len(frames), batch_size):
+    results = finished_structures(output, frames) if resume else []
+    if results:
+        typer.echo(f"resuming: {len(results)} of {len(frames)} structures already in {output}", err=True)
+    bar = tqdm(total=len(frames), initial=len(results), unit="structure", desc=f"relax ({net.name})", leave=False)
+    for offset in range(len(results), len(frames), batch_size):
         chunk = frames[offset: offset + batch_size]
         batch = Batch.from_atoms(chunk, dtype=dtype, device=device)
 
@@ -158,9 +205,9 @@ def relax_cmd(
                 props["stress"] = full_3x3_to_voigt_6_stress(res.stress[k].detach().cpu().double().numpy())
             atoms.calc = SinglePointCalculator(atoms, **props)
             results.append(atoms)
+        _write_atomically(results, output)
         bar.update(offset + len(chunk) - bar.n)
     bar.close()
-    write(str(output), results, format="extxyz")
     wall = time.perf_counter() - start
     steps = np.array([a.info["n_steps"] for a in results])
     n_conv = sum(a.info["converged"] for a in results)
