@@ -11,10 +11,13 @@ pretrained Dq scale), where the time goes:
 * ``other``          everything else (optimizer step, checkpoints, logging).
 
 Each part also counts model calls (``EnergyModel.energy`` invocations and the atoms they covered). It prints a
-table and writes JSON. To compare two commits in one run, point ``--src`` at each checkout's ``src``:
+table and writes JSON. ``--against`` compares with another commit in the same run (each side in a fresh
+process, alternating over ``--repeats``; the ratio of structures/s per repeat and their median):
 
     python benchmarks/train_throughput.py --out bench.json                       # this checkout
-    python benchmarks/train_throughput.py --src /tmp/base/src --out base.json    # another commit
+    python benchmarks/train_throughput.py --src /tmp/base/src --out base.json    # another checkout's src/
+    git worktree add /tmp/base START_COMMIT
+    python benchmarks/train_throughput.py --against /tmp/base/src --epochs 3 --out compare.json
 
 The instrumentation wraps the trainer's methods by name; names a commit lacks are reported as 0 (their time
 lands in ``other``).
@@ -212,6 +215,36 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(args: argparse.Namespace) -> None:
+    """Both sides in fresh processes, alternating; per-repeat ratios of structures/s and their median."""
+    import statistics
+
+    sides = {"this": None, "against": args.against}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for name, src in sides.items():
+                out = Path(tmp) / f"{name}{repeat}.json"
+                cmd = [sys.executable, __file__, "--data", args.data, "--epochs", str(args.epochs), "--threads",
+                       str(args.threads), "--seed", str(args.seed), "--out", str(out)]
+                if src:
+                    cmd += ["--src", src]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                runs[name].append(json.loads(out.read_text()))
+                print(table(runs[name][-1]) + "\n", flush=True)
+    ratios = [a["structures_per_s"] / b["structures_per_s"] for a, b in zip(runs["this"], runs["against"])]
+    steady = [statistics.median(a["epoch_s"][1:] or a["epoch_s"]) for a in runs["this"]]
+    steady_base = [statistics.median(b["epoch_s"][1:] or b["epoch_s"]) for b in runs["against"]]
+    summary = {"ratios": ratios, "median_ratio": statistics.median(ratios),
+               "steady_epoch_ratios": [b / a for a, b in zip(steady, steady_base)],
+               "this": runs["this"], "against": runs["against"]}
+    print(f"structures/s, this / against: {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"(median {summary['median_ratio']:.2f}); epochs after the first: "
+          f"{', '.join(f'{r:.2f}' for r in summary['steady_epoch_ratios'])}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="builtin:si-defects-mini")
@@ -220,7 +253,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--src", default=None, help="a checkout's src/ to import relaxtune from (another commit)")
     parser.add_argument("--out", default=None, help="write the JSON here")
+    parser.add_argument("--against", default=None, help="another checkout's src/: run both, print the ratio")
+    parser.add_argument("--repeats", type=int, default=1, help="with --against: runs of each side")
     args = parser.parse_args()
+    if args.against:
+        compare(args)
+        return
     if args.src:
         sys.path.insert(0, str(Path(args.src).resolve()))
     result = run(args)

@@ -99,6 +99,15 @@ def finetune_command(
     fixed_cell_stress: bool = typer.Option(DEFAULTS.fixed_cell_stress, "--fixed-cell-stress",
                                            help="Also fit the stress that frames of fixed-cell relaxations carry "
                                            "(off: on the Γ-only Si defects it cost accuracy on unseen types)."),
+    frames_per_structure: int = typer.Option(DEFAULTS.frames_per_structure, "--frames-per-structure", min=0,
+                                             help="structure+forces: DFT frames fitted per structure and step (the "
+                                             "relaxed one and one per stratum of the path, weighted to estimate the "
+                                             "mean over all frames); 0 = every frame."),
+    warm_start: bool = typer.Option(DEFAULTS.warm_start, "--warm-start/--cold-start",
+                                    help="With --start relaxed: each epoch's training relaxation (and implicit CG "
+                                    "solve) of a structure starts where the previous epoch's ended."),
+    cg_tol: float = typer.Option(DEFAULTS.cg_tol, "--cg-tol", min=1e-12, help="Relative residual at which the "
+                                 "implicit gradient's CG solve stops (--grad implicit | hybrid)."),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
                                  "divided by the pretrained model's Dq of each training structure)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
@@ -152,7 +161,8 @@ def finetune_command(
             weight_decay=weight_decay, grad_clip=grad_clip, train_params=train_params, patience=patience,
             seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight,
             fixed_cell_stress=fixed_cell_stress, energy_weight=energy_weight, energy_scale=energy_scale, start=start,
-            val_start=val_start, dq_scale=dq_scale,
+            val_start=val_start, dq_scale=dq_scale, frames_per_structure=frames_per_structure,
+            warm_start=warm_start, cg_tol=cg_tol,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
