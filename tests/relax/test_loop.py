@@ -216,6 +216,26 @@ def test_gd_relaxes_to_the_same_minimum_as_fire():
     assert torch.allclose(fire.energy, gd.energy, atol=1e-6)
 
 
+@pytest.mark.parametrize("relax_cell", [False, True])
+def test_lbfgs_relaxes_to_fires_minimum_in_fewer_steps(relax_cell):
+    """Batched L-BFGS: structures of different sizes, fixed atoms and (with the cell) strain rows each converge
+    with their own history to FIRE's minimum, in fewer steps; it refuses to build a graph."""
+    structures = _mixed_batch()
+    structures[0].set_constraint(FixAtoms([0, 1]))
+    batch = Batch.from_atoms(structures, dtype=torch.float64)
+    model = StillingerWeber().double()
+    fire = relax(model, batch, RelaxConfig(fmax=1e-4, max_steps=3000, relax_cell=relax_cell))
+    lbfgs = relax(model, batch, RelaxConfig(optimizer="lbfgs", fmax=1e-4, max_steps=3000, relax_cell=relax_cell))
+    assert bool(fire.converged.all()) and bool(lbfgs.converged.all())
+    torch.testing.assert_close(lbfgs.energy, fire.energy, rtol=0, atol=1e-7)
+    assert float((lbfgs.batch.positions - fire.batch.positions).abs().max()) < 1e-3
+    if not relax_cell:  # (with the cell, fixed atoms follow its deformation)
+        assert bool((lbfgs.batch.positions[:2] == batch.positions[:2]).all())  # fixed atoms stayed
+    assert int(lbfgs.n_steps.sum()) < int(fire.n_steps.sum())
+    with pytest.raises(ValueError, match="lbfgs"):
+        relax(model, batch, RelaxConfig(optimizer="lbfgs"), grad_mode="full")
+
+
 def test_blow_up_is_flagged_not_raised():
     """Two LJ atoms 0.3 sigma apart: |F| > 1e3 eV/Å, stopped and flagged; the other structure converges."""
     from ase import Atoms

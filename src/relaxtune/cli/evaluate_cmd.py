@@ -29,7 +29,7 @@ def evaluate_command(
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train | val | test) of DATA."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (and per-structure rows) here."),
     fmax: float = typer.Option(0.02, "--fmax", help="Relaxation convergence, eV/Å."),
-    optimizer: str = typer.Option("fire", "--optimizer", help="fire | gd."),
+    optimizer: str = typer.Option("fire", "--optimizer", help="fire | lbfgs | gd."),
     max_steps: int = typer.Option(500, "--max-steps", help="Relaxation step cap."),
     step_size: Optional[float] = typer.Option(None, "--step-size", min=1e-9, help="gd: η in Å²/eV (default 0.02); "
                                               "fire: initial time step (default 0.1). A run trained with "

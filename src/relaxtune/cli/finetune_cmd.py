@@ -73,7 +73,8 @@ def finetune_command(
     val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split)."),
     model: str = typer.Option(DEFAULTS.model, "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint."),
     steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max)."),
-    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd."),
+    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd | lbfgs "
+                                  "(lbfgs with --grad implicit only)."),
     grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Relaxation step size η: GD step "
                                               "(Å²/eV, default 0.02) or FIRE's initial dt (default 0.1)."),

@@ -131,7 +131,8 @@ def relax_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Output extxyz file (overwritten)."),
     model: str = typer.Option("chgnet", "--model", "-m", help="chgnet | sevennet | lj | sw | a MACE model file | "
                               "a relaxtune fine-tuned checkpoint (.pt)."),
-    optimizer: str = typer.Option("fire", help="fire (ASE's FIRE) | gd (X <- X + eta F, 0.2 Å cap)."),
+    optimizer: str = typer.Option("fire", help="fire (ASE's FIRE) | lbfgs (ASE's L-BFGS: fewer steps near a "
+                                  "minimum) | gd (X <- X + eta F, 0.2 Å cap)."),
     fmax: float = typer.Option(0.05, min=1e-6, help="Force convergence, eV/Å."),
     max_steps: int = typer.Option(500, min=0, help="Most optimizer steps per structure."),
     cell: bool = typer.Option(False, "--cell", help="Relax the cell too (FrechetCellFilter-like deformation)."),
@@ -155,11 +156,12 @@ def relax_cmd(
 
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.relax import RelaxConfig, relax
+    from relaxtune.relax.loop import OPTIMIZERS
     from relaxtune.state import Batch
     from relaxtune.train.checkpoint import unseen_species
 
-    if optimizer not in ("fire", "gd"):
-        raise UserInputError(f"--optimizer: must be fire or gd, got {optimizer!r}")
+    if optimizer not in OPTIMIZERS:
+        raise UserInputError(f"--optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     check_writable(output, "--output")
     use_threads(threads)
     frames = read_structures(input, index)

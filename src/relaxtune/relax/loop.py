@@ -45,11 +45,13 @@ import torch.utils.checkpoint
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.relax import cell as cellmod
 from relaxtune.relax.params import StepParameters, StepValues
-from relaxtune.relax.steps import (FireParams, FireState, GDState, fire_init, fire_step, gd_init, gd_step,
-                                   merge_states, select_state)
+from relaxtune.relax.steps import (FireParams, FireState, GDState, LBFGSParams, fire_init, fire_step, gd_init,
+                                   gd_step, lbfgs_init, lbfgs_step, merge_states, select_state)
 from relaxtune.state import Batch, per_system_max
 
 GRAD_MODES = ("none", "full", "truncated", "checkpoint")
+#: relaxation optimizers; L-BFGS only without a graph (its history is not differentiated)
+OPTIMIZERS = ("fire", "gd", "lbfgs")
 #: in inference, drop done structures from the working batch once this fraction of it is done.
 COMPACT_FRACTION = 0.25
 
@@ -59,7 +61,7 @@ class RelaxConfig(FireParams):
     """How to relax. FIRE parameters (inherited from ``FireParams``) are ASE's defaults; ``step_size`` etc. are
     for gradient descent."""
 
-    optimizer: str = "fire"  # "fire" | "gd"
+    optimizer: str = "fire"  # "fire" | "gd" | "lbfgs"
     fmax: float = 0.05  # eV/Å; converged when max row force < fmax (strict, as ASE)
     max_steps: int = 500
     relax_cell: bool = False
@@ -69,12 +71,15 @@ class RelaxConfig(FireParams):
     max_displacement: float | None = 0.2  # Å per atom per step (smooth cap), None = no cap
     anneal: float = 1.0  # eta multiplied by this every step
     momentum: float = 0.0
+    # L-BFGS (ASE's defaults; its step is capped by ``maxstep`` too)
+    memory: int = 100
+    alpha: float = 70.0  # eV/Å², initial Hessian
     # safety
     blowup_force: float = 1e3  # eV/Å
 
     def __post_init__(self):
-        if self.optimizer not in ("fire", "gd"):
-            raise ValueError(f"optimizer must be 'fire' or 'gd', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.fmax <= 0 or self.max_steps < 0:
             raise ValueError("fmax must be > 0 and max_steps >= 0")
         if self.step_size <= 0 or self.dt <= 0 or self.maxstep <= 0:
@@ -92,6 +97,10 @@ class RelaxConfig(FireParams):
     def eta(self) -> float:
         """This configuration's step size η (see ``step_field``)."""
         return getattr(self, self.step_field(self.optimizer))
+
+    @property
+    def lbfgs_params(self) -> LBFGSParams:
+        return LBFGSParams(maxstep=self.maxstep, memory=self.memory, alpha=self.alpha)
 
     @property
     def fire_params(self) -> FireParams:
@@ -228,6 +237,8 @@ def _one_step(prob: _Problem, carry: _Carry) -> _Carry:
     if cfg.optimizer == "gd":
         new = gd_step(carry.state, forces, prob.row_system, row_scale=prob.row_scale,
                       max_displacement=cfg.max_displacement, anneal=cfg.anneal, momentum=prob.momentum)
+    elif cfg.optimizer == "lbfgs":
+        new = lbfgs_step(carry.state, forces, prob.row_system, cfg.lbfgs_params)
     else:
         if prob.row_scale is not None:
             forces = forces * prob.row_scale[:, None]
@@ -300,6 +311,8 @@ def _init_carry(prob: _Problem, rows: torch.Tensor, step, prepared) -> _Carry:
     n = prob.n_systems
     if cfg.optimizer == "gd":
         state = gd_init(rows, n, step)
+    elif cfg.optimizer == "lbfgs":
+        state = lbfgs_init(rows, n, cfg.lbfgs_params)
     else:
         state = fire_init(rows, n, cfg.fire_params, dt=step)
     batch = prob.batch_at(rows)
@@ -515,6 +528,9 @@ def _relax(model, batch, config, step_params, grad_mode, truncate_steps, checkpo
                          f"got {grad_mode!r}")
     if batch.n_systems == 0:
         raise ValueError("empty batch")
+    if config.optimizer == "lbfgs" and grad_mode != "none":
+        raise ValueError(f"optimizer lbfgs relaxes without a graph (grad_mode none, or the implicit gradient); "
+                         f"grad_mode {grad_mode!r} needs fire or gd")
     model.check_supported(batch)
     _check_finite(batch)
     if grad_mode == "truncated":

@@ -8,6 +8,10 @@ frozen state and never mutates its inputs, so gradients flow through any number 
 * ``gd_init`` / ``gd_step``: gradient descent as in the reference method, ``X <- X + eta F``, optionally with
   heavy-ball momentum, step annealing (eta multiplied by ``anneal`` each step) and a smooth per-row
   displacement cap (see :func:`soft_cap`).
+* ``lbfgs_init`` / ``lbfgs_step``: ASE's L-BFGS (``ase.optimize.LBFGS``: memory 100, initial inverse Hessian
+  1/70 Å²/eV, the whole step scaled so that no row moves more than ``maxstep``), per structure, each with its
+  own history. Quasi-Newton steps reach a minimum in fewer model calls than FIRE; they are for relaxations
+  without a graph (inference, the forward of the implicit gradient), not for unrolled differentiation.
 * ``fire_init`` / ``fire_step``: ASE's FIRE (``ase.optimize.FIRE``, default ``downhill_check=False``), per
   structure. Its branch decisions (is P = F.v > 0, has N exceeded Nmin, is the step longer than maxstep) are
   taken on detached values; the updates of velocities, time step and positions stay differentiable.
@@ -168,6 +172,79 @@ def fire_step(state: FireState, forces: torch.Tensor, row_system: torch.Tensor,
                         torch.ones_like(dr_norm))
     return FireState(positions=state.positions + dr * scale[row_system, None], velocity=v, dt=dt, alpha=a,
                      n_pos=n_pos, started=torch.ones_like(state.started))
+
+
+# ---------------------------------------------------------------------------------------------- L-BFGS
+@dataclass(frozen=True)
+class LBFGSParams:
+    """ASE LBFGS's parameters (same names and defaults as ``ase.optimize.LBFGS``)."""
+
+    maxstep: float = 0.2
+    memory: int = 100
+    alpha: float = 70.0  # initial Hessian alpha * I, eV/Å²
+
+
+@dataclass(frozen=True)
+class LBFGSState:
+    positions: torch.Tensor  # (n_rows, 3)
+    previous: torch.Tensor  # (n_rows, 3) positions of the last step (valid once ``started``)
+    previous_forces: torch.Tensor  # (n_rows, 3)
+    s: torch.Tensor  # (n_rows, memory, 3) position differences, newest first
+    y: torch.Tensor  # (n_rows, memory, 3) gradient differences, newest first
+    rho: torch.Tensor  # (n_systems, memory) 1 / (y.s) per pair, 0 for an empty slot
+    started: torch.Tensor  # (n_systems,) bool
+
+    ROW_FIELDS = ("positions", "previous", "previous_forces", "s", "y")
+
+
+def lbfgs_init(positions: torch.Tensor, n_systems: int, params: LBFGSParams = LBFGSParams()) -> LBFGSState:
+    """L-BFGS state with an empty history."""
+    kw = dict(dtype=positions.dtype, device=positions.device)
+    history = torch.zeros((positions.shape[0], params.memory, 3), **kw)
+    return LBFGSState(positions=positions, previous=torch.zeros_like(positions),
+                      previous_forces=torch.zeros_like(positions), s=history, y=history.clone(),
+                      rho=torch.zeros((n_systems, params.memory), **kw),
+                      started=torch.zeros(n_systems, dtype=torch.bool, device=positions.device))
+
+
+def _per_system_dot(a: torch.Tensor, b: torch.Tensor, row_system: torch.Tensor, n_systems: int) -> torch.Tensor:
+    return _per_system_sum((a * b).sum(-1), row_system, n_systems)
+
+
+@torch.no_grad()
+def lbfgs_step(state: LBFGSState, forces: torch.Tensor, row_system: torch.Tensor,
+               params: LBFGSParams = LBFGSParams()) -> LBFGSState:
+    """One L-BFGS step per structure: add the pair (s, y) of the last step to the structure's history (when
+    it has positive curvature, y.s > 0), take the two-loop direction ``-H g`` with ``H0 = I / alpha``, and
+    scale it so that its longest row is at most ``maxstep``."""
+    n_sys = state.rho.shape[0]
+    s_new = state.positions - state.previous
+    y_new = state.previous_forces - forces  # gradient difference (g = -F)
+    curvature = _per_system_dot(s_new, y_new, row_system, n_sys)
+    add = state.started & (curvature > 0)
+    rows_add = add[row_system][:, None, None]
+    s_hist = torch.where(rows_add, torch.cat([s_new[:, None], state.s[:, :-1]], 1), state.s)
+    y_hist = torch.where(rows_add, torch.cat([y_new[:, None], state.y[:, :-1]], 1), state.y)
+    rho_new = torch.where(add, 1.0 / torch.where(add, curvature, torch.ones_like(curvature)), torch.zeros_like(curvature))
+    rho = torch.where(add[:, None], torch.cat([rho_new[:, None], state.rho[:, :-1]], 1), state.rho)
+    q = -forces
+    alphas = []
+    for i in range(params.memory):  # newest to oldest
+        if not bool((rho[:, i] != 0).any()):
+            break
+        a_i = rho[:, i] * _per_system_dot(s_hist[:, i], q, row_system, n_sys)
+        q = q - a_i[row_system, None] * y_hist[:, i]
+        alphas.append(a_i)
+    z = q / params.alpha
+    for i in reversed(range(len(alphas))):  # oldest to newest
+        b_i = rho[:, i] * _per_system_dot(y_hist[:, i], z, row_system, n_sys)
+        z = z + (alphas[i] - b_i)[row_system, None] * s_hist[:, i]
+    step = -z
+    longest = torch.zeros(n_sys, dtype=step.dtype, device=step.device).scatter_reduce(
+        0, row_system, torch.linalg.vector_norm(step, dim=-1), reduce="amax", include_self=True)
+    scale = torch.where(longest >= params.maxstep, params.maxstep / longest.clamp_min(1e-300), torch.ones_like(longest))
+    return LBFGSState(positions=state.positions + step * scale[row_system, None], previous=state.positions,
+                      previous_forces=forces, s=s_hist, y=y_hist, rho=rho, started=torch.ones_like(state.started))
 
 
 # ---------------------------------------------------------------------------------------------- masking

@@ -30,7 +30,7 @@ class TrainConfig:
     defect types it never saw it was neutral (−1 ± 5%), where Dq alone was 6 ± 4% worse: the DFT frames hold the
     potential energy surface along the whole path in place, which the relaxed end point alone does not.
 
-    Relaxation used in training: ``optimizer`` ("fire" | "gd") for at most ``steps`` steps to ``fmax``;
+    Relaxation used in training: ``optimizer`` ("fire" | "gd" | "lbfgs", the last with ``grad="implicit"`` only) for at most ``steps`` steps to ``fmax``;
     ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
     ``start``: where training relaxations begin: "initial" (the reference method: the initial structure, so the
     loss sees which basin the model reaches) or "relaxed" (the DFT-relaxed structure: the model relaxes to its
@@ -163,8 +163,13 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.optimizer not in ("fire", "gd"):
-            raise ValueError(f"optimizer: {self.optimizer!r} is not fire or gd")
+        if self.optimizer not in ("fire", "gd", "lbfgs"):
+            raise ValueError(f"optimizer: {self.optimizer!r} is not fire, gd or lbfgs")
+        if self.optimizer == "lbfgs" and self.grad != "implicit":
+            raise ValueError(f"optimizer: lbfgs relaxes without a graph, so it serves --grad implicit only "
+                             f"(got {self.grad}); use fire or gd")
+        if self.eval_optimizer not in ("fire", "gd", "lbfgs"):
+            raise ValueError(f"eval_optimizer: {self.eval_optimizer!r} is not fire, gd or lbfgs")
         if self.hybrid_head not in ("full", "checkpoint"):
             raise ValueError(f"hybrid_head: {self.hybrid_head!r} is not full or checkpoint")
         if self.dtype not in ("float32", "float64"):
