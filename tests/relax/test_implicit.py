@@ -57,17 +57,18 @@ def _minimize(model, batch, fmax=1e-11, eta=0.03, max_steps=5000):
     raise AssertionError("reference minimizer did not converge")
 
 
+def _spd_blocks(n_sys: int, n_at: int, shift: float) -> list[torch.Tensor]:
+    """Random symmetric positive-definite (3 n_at)² blocks, one per structure (A Aᵀ + shift I)."""
+    eye = torch.eye(3 * n_at, dtype=torch.float64)
+    return [a @ a.T + shift * eye for a in (torch.randn(3 * n_at, 3 * n_at, dtype=torch.float64) for _ in range(n_sys))]
+
+
 def test_conjugate_gradient_batched_blocks_and_negative_curvature():
     torch.manual_seed(1)
     n_sys, n_at = 3, 4
     sys_idx = torch.arange(n_sys).repeat_interleave(n_at)
-    mats = []
-    for k in range(n_sys):
-        a = torch.randn(3 * n_at, 3 * n_at, dtype=torch.float64)
-        m = a @ a.T + 0.5 * torch.eye(3 * n_at, dtype=torch.float64)
-        if k == 2:
-            m = m - 100.0 * torch.eye(3 * n_at, dtype=torch.float64)  # indefinite block
-        mats.append(m)
+    mats = _spd_blocks(n_sys, n_at, 0.5)
+    mats[2] = mats[2] - 100.0 * torch.eye(3 * n_at, dtype=torch.float64)  # indefinite block
 
     def matvec(u):
         blocks = u.reshape(n_sys, 3 * n_at)
@@ -88,10 +89,7 @@ def test_conjugate_gradient_from_a_nearby_solution_reaches_the_same_answer_in_fe
     torch.manual_seed(2)
     n_sys, n_at = 3, 10
     sys_idx = torch.arange(n_sys).repeat_interleave(n_at)
-    mats = []
-    for _ in range(n_sys):
-        a = torch.randn(3 * n_at, 3 * n_at, dtype=torch.float64)
-        mats.append(a @ a.T + 0.1 * torch.eye(3 * n_at, dtype=torch.float64))
+    mats = _spd_blocks(n_sys, n_at, 0.1)
 
     def matvec_of(ms):
         def matvec(u):

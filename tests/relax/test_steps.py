@@ -63,26 +63,38 @@ def test_soft_cap_identity_below_half_cap_bounded_above_and_smooth():
     assert torch.autograd.grad(soft_cap(big, 0.2).sum(), big)[0][0, 0] > 0.01
 
 
+def _ase_trajectory(optimizer, atoms, steps: int, **kwargs) -> list[np.ndarray]:
+    """Positions after every step of an ASE optimizer with matscipy's SW (the initial positions first)."""
+    atoms = atoms.copy()
+    atoms.calc = Manybody(**MatscipySW(Stillinger_Weber_PRB_31_5262_Si))
+    opt = optimizer(atoms, logfile=None, **kwargs)
+    traj = []  # the observer also sees the initial positions
+    opt.attach(lambda: traj.append(atoms.positions.copy()))
+    opt.run(fmax=1e-9, steps=steps)
+    return traj
+
+
+def _our_trajectory(step, state, batch: Batch, steps: int):
+    """Positions after every ``step(state, forces, system_idx)`` driven by SW forces, and the last state."""
+    model = StillingerWeber().double()
+    prep = model.prepare(batch)
+    ours = [state.positions.clone()]
+    for _ in range(steps):
+        f = energy_and_forces(model, batch.replace(positions=state.positions), prep).forces
+        state = step(state, f, batch.system_idx)
+        ours.append(state.positions.clone())
+    return ours, state
+
+
 def test_fire_steps_match_ase_fire_trajectory_exactly():
     """fire_step driven by SW forces reproduces ase.optimize.FIRE position by position (float64)."""
     structures = _si_pair()
     batch = Batch.from_atoms(structures, dtype=torch.float64)
-    model = StillingerWeber().double()
-    prep = model.prepare(batch)
-    state = fire_init(batch.positions, 2, WILD)
-    ours = [state.positions.clone()]
-    for _ in range(25):
-        f = energy_and_forces(model, batch.replace(positions=state.positions), prep).forces
-        state = fire_step(state, f, batch.system_idx, WILD)
-        ours.append(state.positions.clone())
+    ours, state = _our_trajectory(lambda st, f, idx: fire_step(st, f, idx, WILD), fire_init(batch.positions, 2, WILD),
+                                  batch, 25)
     assert (state.n_pos == 0).any() or (state.dt < WILD.dt).any()  # an uphill restart happened
     for k, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.calc = Manybody(**MatscipySW(Stillinger_Weber_PRB_31_5262_Si))
-        opt = FIRE(atoms, logfile=None, dt=WILD.dt, maxstep=WILD.maxstep, Nmin=WILD.Nmin)
-        traj = []  # the observer also sees the initial positions
-        opt.attach(lambda: traj.append(atoms.positions.copy()))
-        opt.run(fmax=1e-9, steps=25)
+        traj = _ase_trajectory(FIRE, atoms, 25, dt=WILD.dt, maxstep=WILD.maxstep, Nmin=WILD.Nmin)
         sl = batch.system_slices()[k]
         assert len(traj) == 26
         for t in range(1, 26):
@@ -97,22 +109,11 @@ def test_lbfgs_steps_match_ase_lbfgs_trajectory_exactly():
     structures = _si_pair()
     structures[1] = structures[1] * (2, 1, 1)  # another size
     batch = Batch.from_atoms(structures, dtype=torch.float64)
-    model = StillingerWeber().double()
-    prep = model.prepare(batch)
     params = LBFGSParams(maxstep=0.05)
-    state = lbfgs_init(batch.positions, 2, params)
-    ours = [state.positions.clone()]
-    for _ in range(20):
-        f = energy_and_forces(model, batch.replace(positions=state.positions), prep).forces
-        state = lbfgs_step(state, f, batch.system_idx, params)
-        ours.append(state.positions.clone())
+    ours, _ = _our_trajectory(lambda st, f, idx: lbfgs_step(st, f, idx, params), lbfgs_init(batch.positions, 2, params),
+                              batch, 20)
     for k, atoms in enumerate(structures):
-        atoms = atoms.copy()
-        atoms.calc = Manybody(**MatscipySW(Stillinger_Weber_PRB_31_5262_Si))
-        opt = LBFGS(atoms, logfile=None, maxstep=params.maxstep)
-        traj = []
-        opt.attach(lambda: traj.append(atoms.positions.copy()))
-        opt.run(fmax=1e-9, steps=20)
+        traj = _ase_trajectory(LBFGS, atoms, 20, maxstep=params.maxstep)
         sl = batch.system_slices()[k]
         assert len(traj) > 10  # ASE may converge to 1e-9 before 20 steps
         for t in range(1, len(traj)):

@@ -10,8 +10,7 @@ OBJECTIVES = ("structure", "forces", "structure+forces")
 DQ_SCALES = ("absolute", "pretrained")
 ENERGY_SCALES = ("per-atom", "total")
 #: (energy_scale, energy_weight) when left unset: the conventional baseline fits energies per atom with weight 1
-#: (CHGNet's own fine-tuning); the structure objectives fit them in total eV with weight 0.1 (docs/results.md,
-#: "Update, 2026-12-03")
+#: (CHGNet's own fine-tuning); the structure objectives fit them in total eV with weight 0.1 (docs/results.md)
 ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "structure+forces": ("total", 0.1)}
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
@@ -22,59 +21,38 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of a run. Defaults: the embedded default (docs/results.md, "Update, 2026-12-01"): Dq of the
-    model's own minimum next to each DFT structure (training relaxations start at the DFT-relaxed structure),
-    each structure's Dq divided by the pretrained model's, plus the energy/force error on every DFT frame of the
-    same structures (``structure+forces``), AdamW lr 1e-3 for 20 epochs. On new structures of the trained defect
-    types that recipe lowered mean Dq from the initial structures by 34 ± 5% (3 seeds; Dq alone 30 ± 3%); on
-    defect types it never saw it was neutral (−1 ± 5%), where Dq alone was 6 ± 4% worse: the DFT frames hold the
-    potential energy surface along the whole path in place, which the relaxed end point alone does not.
+    """Every setting of a fine-tuning run; the defaults are the default recipe (docs/results.md, "Methods").
 
-    Relaxation used in training: ``optimizer`` ("fire" | "gd" | "lbfgs", the last with ``grad="implicit"`` only) for at most ``steps`` steps to ``fmax``;
-    ``grad`` picks how the gradient goes through it (``relaxtune.relax.implicit.GRAD_MODES``);
-    ``start``: where training relaxations begin: "initial" (the reference method: the initial structure, so the
-    loss sees which basin the model reaches) or "relaxed" (the DFT-relaxed structure: the model relaxes to its
-    own nearby minimum and the loss is how far that lies from DFT's, whatever path DFT took to get there).
-    ``truncate_steps`` (truncated), ``checkpoint_every`` (checkpoint blocks; 1 is the memory-saving choice:
-    longer blocks are recomputed step by step inside the forward, measured slower and larger), ``hybrid_steps``
-    and ``hybrid_head`` (the unrolled head of hybrid: "checkpoint" per step, same gradient as "full", less
-    memory) and the CG settings (implicit, hybrid) refine it. ``learn_step`` trains the relaxation's ``StepParameters`` with
-    learning rate ``step_lr``.
-    Optimisation: AdamW (``lr``, ``weight_decay``), linear warmup over ``warmup_frac`` of the optimizer steps
-    then cosine decay to ``lr * min_lr_ratio``, gradient-norm clipping at ``grad_clip`` (0 = off),
-    ``train_params`` = all | readout | freeze-embeddings | comma-separated parameter-name fragments;
-    ``embedding_lr`` (None = ``lr``): learning rate of the per-element embeddings, a group of their own.
-    Validation: Dq each epoch with FIRE to ``eval_fmax``, from the initial structures or (``val_start="relaxed"``)
-    from the DFT-relaxed ones: the offset of the model's own minimum, less exposed than Dq from the initial
-    structures to a floppy structure (a self-interstitial) taking a neighbouring configuration on the way, so
-    best.pt follows the potential; stop after ``patience`` epochs without improvement of at least
-    ``min_delta`` (0 = never stop early).
-    ``objective="forces"``: the conventional baseline, MSE of forces and of relative energies
-    (E_frame - E_last frame, per atom) on every DFT trajectory frame of the same training structures,
-    ``force_weight`` / ``energy_weight``, plus ``stress_weight`` times the MSE of the stress in GPa (CHGNet's
-    own fine-tuning weights: 1, 1, 0.1) on frames of cell relaxations that carry a DFT stress; each optimizer
-    step sees all frames of ``batch_size`` structures, so both objectives take the same number of optimizer
-    steps per epoch (the same budget). ``fixed_cell_stress`` also fits the stress that frames of fixed-cell
-    relaxations carry (the shipped Si defects: their relaxed frame). Off by default: on the Γ-only Si defects it
-    pinned the host pressure (mean error 1.0 → 0.14-0.33 GPa) but unseen defect types came out 6% worse than
-    pretrained instead of 1% better (2 seeds against 3; docs/results.md, "Update, 2026-12-01 (06:45-09:40)").
-    ``energy_scale``: the relative energy's error per atom ("per-atom", CHGNet's convention) or in total eV
-    ("total": the energy differences between a defect's configurations, which per atom weigh 1/N² as much).
-    Unset, it and ``energy_weight`` follow the objective (``ENERGY_DEFAULTS``): per atom with weight 1 for the
-    conventional baseline, total eV with weight 0.1 for the structure objectives. On the Si defects, total eV
-    made CHGNet as stiff as DFT and, at 0.1, placed unseen defect types 11.7% closer to DFT against 3.6 ± 5.0%
-    per atom (docs/results.md, "Update, 2026-12-03").
-    ``objective="structure+forces"``: Dq plus ``forces_mix`` times each structure's mean energy/force loss over
-    its DFT frames (both averaged over structures); each step estimates that mean from
+    Objective (``objective``): ``structure+forces`` (default) is Dq of the model's relaxed structure to DFT's
+    plus ``forces_mix`` times each structure's mean energy/force loss over its DFT frames; ``structure`` is Dq
+    alone (the reference method's loss); ``forces`` is the conventional baseline, the energy/force(/stress) MSE
+    on every DFT frame, ``batch_size`` structures per optimizer step so that both take the same number of steps.
+    The frame loss: ``force_weight`` x force MSE, ``energy_weight`` x the squared error of each frame's energy
+    relative to the relaxed frame (``energy_scale``: "total" eV, the differences between a defect's
+    configurations, or "per-atom", CHGNet's convention; unset, both follow ``ENERGY_DEFAULTS``), and
+    ``stress_weight`` x the stress MSE in GPa on frames that carry a DFT stress (cell relaxations; fixed-cell
+    frames only with ``fixed_cell_stress``). Each step estimates a structure's mean frame loss from
     ``frames_per_structure`` frames (the relaxed one and one per stratum of the path, weighted to be unbiased:
-    ``relaxtune.train.frames``; 0 = every frame). ``warm_start`` (with ``start="relaxed"``): each epoch's
-    training relaxation of a structure starts where the previous epoch's ended, near the model's minimum, and
-    its implicit CG solve starts from the previous epoch's solution. ``cg_tol`` 1e-2: the gradient differs from
-    the one at 1e-4 by about 0.1% (docs/results.md, "Speed").
-    ``dq_scale="pretrained"`` divides each training structure's structure loss by the pretrained model's Dq
-    for it (measured once before the first epoch, from the same start, floored at ``dq_scale_floor``), so the
-    loss is the mean *relative* error: a structure the pretrained model misses by 0.4 pulls as hard as one it
-    misses by 6 (a self-interstitial in another configuration), instead of 15 times less.
+    ``relaxtune.train.frames``; 0 = every frame), ``frame_chunk`` frames per model call.
+    ``dq_scale="pretrained"`` divides each structure's Dq by the pretrained model's (measured before the first
+    epoch, floored at ``dq_scale_floor``), so that every structure pulls alike; "absolute" is the plain mean.
+
+    Training relaxation: ``optimizer`` ("fire" | "gd" | "lbfgs", the last with ``grad="implicit"`` only) for at
+    most ``steps`` steps to ``fmax``, from ``start``: "relaxed" (the DFT-relaxed structure: the model slides into
+    its own nearest minimum) or "initial" (the reference method: the loss also sees which basin it reaches).
+    ``warm_start`` (with "relaxed"): each epoch's relaxation of a structure starts where the previous epoch's
+    ended, and its implicit CG solve from the previous solution. ``grad`` picks how the gradient goes through
+    the relaxation (``relaxtune.relax.implicit.GRAD_MODES``), refined by ``truncate_steps``,
+    ``checkpoint_every``, ``hybrid_steps`` / ``hybrid_head`` and the CG settings ``cg_tol``, ``cg_max_iter``,
+    ``damping``. ``step_size`` is η (GD's step or FIRE's initial dt); ``learn_step`` trains it at ``step_lr``.
+
+    Optimisation: AdamW (``lr``, ``weight_decay``; ``embedding_lr`` for the per-element embeddings), linear
+    warmup over ``warmup_frac`` of the steps then cosine decay to ``lr * min_lr_ratio`` (or constant),
+    gradient-norm clipping at ``grad_clip`` (0 = off), ``train_params`` = all | readout | freeze-embeddings |
+    comma-separated name fragments.
+
+    Validation: Dq of relaxations (``eval_optimizer`` to ``eval_fmax``) from ``val_start`` picks best.pt;
+    ``patience`` epochs without an improvement of ``min_delta`` stop the run (0 = never).
     """
 
     model: str = "chgnet"
