@@ -97,3 +97,15 @@ def test_evaluate_step_size_sets_the_relaxation_step_and_is_recorded(monkeypatch
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "--model", "sw", "--step-size", "-1",
                        "--no-progress")
     assert code == 2 and "--step-size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--fmax", "-1"], ["--max-steps", "-5"], ["--batch-size", "0"]])
+def test_out_of_range_options_are_one_line_usage_errors(monkeypatch, capsys, args):
+    code, _, err = run(monkeypatch, capsys, "evaluate", "builtin:si-defects-mini:val", "--model", "sw", *args)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) <= 6, err
+
+
+def test_an_unwritable_json_path_fails_before_any_compute(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "evaluate", "builtin:si-defects-mini:val", "--model", "sw", "--json",
+                       tmp_path / "missing" / "x.json")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1

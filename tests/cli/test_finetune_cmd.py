@@ -123,3 +123,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(dataset, tmp_path):
     ra = list(csv.DictReader(open(straight / "metrics.csv")))
     rb = list(csv.DictReader(open(killed / "metrics.csv")))
     assert [r["val_dq_mean"] for r in ra] == [r["val_dq_mean"] for r in rb] and len(ra) == 5
+
+
+def test_an_existing_run_is_never_overwritten_and_bad_outputs_fail_first(monkeypatch, capsys, tmp_path):
+    """A folder that holds a run needs --resume; an --out that is a file fails before any compute."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"a run's checkpoint")
+    code, _, err = run(monkeypatch, capsys, "finetune", "builtin:si-defects-mini", "--out", out, *SW_ARGS)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert (out / "last.pt").read_bytes() == b"a run's checkpoint"
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    code, _, err = run(monkeypatch, capsys, "finetune", "builtin:si-defects-mini", "--out", afile, *SW_ARGS)
+    assert code == 2 and "is a file" in err

@@ -7,6 +7,7 @@ unsupported elements) are raised as ``UserInputError`` and printed as one line w
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -20,6 +21,19 @@ class UserInputError(Exception):
 #: help text of every command's ``--threads``
 THREADS_HELP = ("torch CPU threads (0 = every core this process may use). Running several jobs on one machine, "
                 "give each its share (e.g. --threads 1 each on 2 cores): oversubscribed cores run many times slower.")
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any compute if ``path`` cannot be written (a folder, a missing or read-only folder)."""
+    import os
+
+    if path.is_dir():
+        raise UserInputError(f"{option} {path}: is a folder, not a file")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserInputError(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserInputError(f"{option} {path}: not writable")
 
 
 def use_threads(threads: int) -> int:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
+from relaxtune.cli import THREADS_HELP, UserInputError, app, check_writable, use_threads
 
 CLASSICAL = {"lj", "sw"}
 
@@ -28,13 +28,13 @@ def evaluate_command(
     model: str = typer.Option(..., "--model", help="chgnet, sevennet, sw, lj, a MACE file or a relaxtune checkpoint."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train | val | test) of DATA."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (and per-structure rows) here."),
-    fmax: float = typer.Option(0.02, "--fmax", help="Relaxation convergence, eV/Å."),
+    fmax: float = typer.Option(0.02, "--fmax", min=1e-6, help="Relaxation convergence, eV/Å."),
     optimizer: str = typer.Option("fire", "--optimizer", help="fire | lbfgs | gd."),
-    max_steps: int = typer.Option(500, "--max-steps", help="Relaxation step cap."),
+    max_steps: int = typer.Option(500, "--max-steps", min=0, help="Relaxation step cap."),
     step_size: Optional[float] = typer.Option(None, "--step-size", min=1e-9, help="gd: η in Å²/eV (default 0.02); "
                                               "fire: initial time step (default 0.1). A run trained with "
                                               "--learn-step has its learned η in summary.json (step_size_after)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Structures relaxed together."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Structures relaxed together."),
     start: str = typer.Option("initial", "--start", help="Relax from the initial structures, or from the "
                               "DFT-relaxed ones (how far the model's own minimum lies): initial | relaxed."),
     symprec: Optional[float] = typer.Option(None, "--symprec", help="Also report Dq up to a symmetry of each "
@@ -55,6 +55,8 @@ def evaluate_command(
     from relaxtune.train import distributed
     from relaxtune.train.checkpoint import unseen_species
 
+    if json_path is not None:
+        check_writable(json_path, "--json")
     if start not in STARTS:
         raise UserInputError(f"--start {start}: not initial or relaxed")
     if symprec is not None and not symprec > 0:

@@ -66,6 +66,23 @@ def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str
     return train, val, note
 
 
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Before any compute: ``out`` must be a folder we can write, and a finished or killed run there is only
+    continued with ``--resume``, never overwritten."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out}: is a file, not a folder")
+    if (out / "last.pt").exists() and not resume:
+        raise UserInputError(f"--out {out}: already holds a run (last.pt); continue it with --resume, or choose "
+                             "another folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise UserInputError(f"--out {out}: {existing} is not writable")
+
+
 @app.command("finetune")
 def finetune_command(
     train: str = typer.Argument(..., help="Training relaxation pairs (file, directory, builtin:NAME, ...)."),
@@ -167,6 +184,7 @@ def finetune_command(
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
+    check_run_folder(out, resume)
     train_pairs, val_pairs, note = resolve_data(train, val)
     if ctx.is_main:
         typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})"

@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
+from relaxtune.cli import THREADS_HELP, UserInputError, app, check_writable, use_threads
 
 CLASSICAL = {"lj", "sw"}
 
@@ -69,19 +69,6 @@ def _load(spec: str, device: str):
     except (ValueError, FileNotFoundError) as exc:
         raise UserInputError(f"--model {spec}: {' '.join(str(exc).split())}") from None
     return model.to(device).eval(), dtype
-
-
-def check_writable(path: Path, option: str) -> None:
-    """Fail before any compute if ``path`` cannot be written (a folder, a missing or read-only folder)."""
-    import os
-
-    if path.is_dir():
-        raise UserInputError(f"{option} {path}: is a folder, not a file")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UserInputError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise UserInputError(f"{option} {path}: not writable")
 
 
 def finished_structures(output: Path, frames: list) -> list:
