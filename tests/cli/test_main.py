@@ -69,9 +69,9 @@ def test_ctrl_c_ends_a_command_with_exit_code_130(tmp_path):
         frames.append(atoms)
     write(tmp_path / "in.extxyz", frames)
     proc = subprocess.Popen([sys.executable, "-m", "relaxtune", "relax", str(tmp_path / "in.extxyz"), "-o",
-                             str(tmp_path / "out.extxyz"), "--model", "sw", "--fmax", "1e-6", "--max-steps",
-                             "1000000", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past the imports, inside the relaxation
+                             str(tmp_path / "out.extxyz"), "--model", "sw", "--optimizer", "gd", "--step-size",
+                             "1e-8", "--max-steps", "100000000", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past the imports, inside a relaxation that cannot converge (steps of 1e-8 Å²/eV x F)
     assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

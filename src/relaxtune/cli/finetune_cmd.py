@@ -154,7 +154,11 @@ def finetune_command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
                                          "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
 ) -> None:
-    """Fine-tune a model by backpropagating through relaxations."""
+    """Fine-tune a model by backpropagating through relaxations.
+
+    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 20 epochs) takes about 12 minutes on a
+    2-core CPU; each epoch's log line gives the elapsed time, structures/s and the time left.
+    """
     import json
 
     import torch

@@ -298,6 +298,18 @@ class DistributedTrainer(Trainer):
             return loss_sum
         return total / weight * n_ok if weight else 0.0
 
+    def _share_warm_starts(self) -> None:
+        """Give every rank the warm starts (relaxed positions, implicit solutions) of the structures any rank
+        relaxed in this step: next epoch another rank may relax them, from the same start as one process would."""
+        fresh = {i: (self.minima.get(i), self.cg_solutions.get(i)) for i in self._fresh}
+        self._fresh.clear()
+        for part in all_gather_objects(fresh, self.ctx):
+            for i, (positions, solution) in part.items():
+                if positions is not None:
+                    self.minima[i] = positions
+                if solution is not None:
+                    self.cg_solutions[i] = solution
+
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
         if not self.ctx.active:
             return super()._step(pairs, stats)
@@ -315,6 +327,7 @@ class DistributedTrainer(Trainer):
             reduce_gradients(params, ctx, scale=loc.weight)  # grad of the local loss *sum*, summed over ranks
             tot = all_reduce_sum([loc.loss_sum, loc.n_ok, loc.weight, loc.total, int(loc.blew.sum())], ctx)
             cg_max = all_reduce_sum([cg], ctx, op=dist.ReduceOp.MAX)[0]
+            self._share_warm_starts()
             return loc, tot, cg_max
 
         loc, tot, cg = run(mine, stats)

@@ -222,6 +222,7 @@ class Trainer:
         self.minima: dict[int, np.ndarray] = {}  # training index -> last relaxed positions (warm_start)
         self.cg_solutions: dict[int, np.ndarray] = {}  # training index -> last implicit solution (warm_start)
         self._frames_cache: dict[int, list] = {}
+        self._fresh: set[int] = set()  # training indices whose warm starts changed in this step (shared by ranks)
         self._epoch_now = 0  # the epoch being trained (frame draws)
 
     def _model_groups(self) -> list[dict[str, Any]]:
@@ -344,6 +345,7 @@ class Trainer:
             index = self._train_index.get(id(pair))
             if index is not None and not bad and np.isfinite(values[sl]).all():
                 store[index] = values[sl].copy()
+                self._fresh.add(index)
 
     def _cg_guess(self, pairs: Sequence, batch: Batch) -> torch.Tensor | None:
         """The previous epoch's implicit solutions of these structures as the CG starting point (zeros where
