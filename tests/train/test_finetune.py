@@ -296,10 +296,10 @@ def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(t
     frames, so the loss is Dq alone rather than an error."""
     from swdata import make_sw_pairs
 
-    from relaxtune.train.finetune import _frames
+    from relaxtune.train.frames import dft_frames
 
     pairs = make_sw_pairs(2, with_trajectory=False)
-    assert not any(_frames(p) for p in pairs)  # bare structures: no DFT frame to fit
+    assert not any(dft_frames(p) for p in pairs)  # bare structures: no DFT frame to fit
     assert TrainConfig().objective == "structure+forces"
     trainer = Trainer(TrainConfig(**{**SW, "objective": "structure+forces"}), pairs, [], tmp_path, progress=False)
     combined, n_ok, _ = trainer._combined_loss(pairs, EpochStats())

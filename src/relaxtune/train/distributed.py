@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from relaxtune.train.finetune import EpochStats, Trainer, _frames
+from relaxtune.train.finetune import EpochStats, Trainer
 
 T = TypeVar("T")
 
@@ -286,7 +286,7 @@ class DistributedTrainer(Trainer):
         if self.config.objective != "forces":  # a mean over structures
             weight, total = float(n_ok), float(loss_sum)
         else:  # forces: the local loss was the mean over this share's DFT frames
-            n_frames = sum(len(_frames(p)) for p in pairs)
+            n_frames = sum(len(self._dft_frames(p)) for p in pairs)
             weight = float(n_frames) if n_ok else 0.0
             total = float(loss_sum) * n_frames / n_ok if n_ok else 0.0
         return _Local(float(loss_sum), int(n_ok), blew.to(torch.bool).cpu(), weight, total)

@@ -142,9 +142,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-_frames = dft_frames  # the name other modules and tests use
-
-
 def check_cell_pairs(pairs: Sequence, config: TrainConfig) -> None:
     """Training relaxes with the cell fixed. From the DFT-relaxed structure that is the reference's own cell
     (Dq of the positions in it; the stress enters through the DFT frames); from the initial structure of a

@@ -8,8 +8,6 @@ same objective in expectation, a noisier gradient, a fraction of the cost.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
 
@@ -47,7 +45,3 @@ def frame_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator of one structure's frame draw in one epoch: independent of batching and of the global
     RNG, so a resumed run draws the same frames."""
     return np.random.default_rng([int(seed), int(epoch), int(index)])
-
-
-def total_frames(pairs: Sequence) -> int:
-    return sum(len(dft_frames(p)) for p in pairs)
