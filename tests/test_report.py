@@ -40,7 +40,7 @@ def make_run(tmp: Path) -> tuple[Path, Path, dict]:
     train = [p for p in pairs if p.split == "train"]
     test = [p for p in pairs if p.split == "test"]
     config = TrainConfig(model="sw", grad="full", steps=5, epochs=2, batch_size=1, lr=3e-3, warmup_frac=0.0,
-                         dtype="float64", eval_max_steps=300, val_start="initial")  # the report relaxes from initial
+                         dtype="float64", eval_max_steps=300, val_start="initial", distill_weight=0.0)  # the report relaxes from initial
     summary = finetune(config, train, test, tmp / "run", progress=False)
     return tmp / "run", data, summary
 
@@ -77,6 +77,10 @@ def test_report_files_plots_and_numbers(report):
     assert "| `lr` | 0.0030 |" in md and "| `grad` | full |" in md
     assert "si2_relax" in md and "vacancy_1" in md
     assert "Missing" not in md
+    # the run's retention check, item by item with its verdict
+    kept = summary["retention"]
+    assert "## Retention" in md and f"{kept['counts']['worse']} worse" in md
+    assert all(item["item"] in md for item in kept["items"])
 
 
 def test_report_html_is_self_contained(report):

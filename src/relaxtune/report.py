@@ -573,6 +573,26 @@ def build_markdown(run: RunInfo, cmp: dict | None, plots: dict[str, Path | None]
                               "Energy relative to the starting structure vs optimizer step, for the first structures."]
                 lines += [f"![{alt}]({plots[key].name})", ""]
 
+    # retention
+    lines += ["## Retention: what the pretrained model did well", ""]
+    kept = s.get("retention")
+    if kept:
+        c = kept["counts"]
+        lines += [f"best.pt against the pretrained model on the bulk crystals of {', '.join(kept['species'])} "
+                  f"({kept['n_crystals']} DFT-relaxed crystals) and on DFT frames the run did not train on "
+                  f"(summary.json `retention`): {c['better']} better, {c['same']} same, {c['worse']} worse, "
+                  f"**{'kept' if kept['kept'] else 'not kept'}**. Lattice constants and volume errors in %, "
+                  "bulk moduli in GPa, force RMSE in eV/Å, stress RMSE in GPa.", ""]
+        rows = []
+        for it in kept["items"]:
+            pct = 100.0 if ("lattice" in it["item"] or "volume" in it["item"]) else 1.0
+            rows.append([it["item"], _fmt(it["pretrained"] * pct), _fmt(it["finetuned"] * pct),
+                         f"{100 * it['change_vs_pretrained']:+.2f}%" if it["change_vs_pretrained"] is not None
+                         else "n/a", it["verdict"]])
+        lines += _table(["item", "pretrained", "fine-tuned", "change", "verdict"], rows) + [""]
+    else:
+        lines += ["Not available: summary.json has no `retention` (run with --no-retention, or not finished).", ""]
+
     # movement
     lines += ["## Parameter movement per group", ""]
     items = movement_items(run.summary)

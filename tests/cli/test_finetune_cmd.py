@@ -19,7 +19,7 @@ from swdata import write_sw_dataset
 from helpers import run_cli as run
 
 SW_ARGS = ["--model", "sw", "--optimizer", "gd", "--steps", "300", "--fmax", "0.001", "--batch-size", "2",
-           "--lr", "0.003", "--objective", "structure", "--no-progress"]
+           "--lr", "0.003", "--objective", "structure", "--no-progress", "--distill-weight", "0", "--no-retention"]
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,26 @@ def test_an_existing_run_is_never_overwritten_and_bad_outputs_fail_first(monkeyp
     afile.write_text("x")
     code, _, err = run(monkeypatch, capsys, "finetune", "builtin:si-defects-mini", "--out", afile, *SW_ARGS)
     assert code == 2 and "is a file" in err
+
+
+def test_every_run_checks_retention_and_evaluate_repeats_the_check(monkeypatch, capsys, dataset, tmp_path):
+    out = tmp_path / "run"
+    args = SW_ARGS[:-3]  # distillation and the retention check on, as by default
+    code, stdout, stderr = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *args, "--epochs", "1")
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    kept = summary["retention"]
+    assert kept["species"] == ["Si"] and kept["n_crystals"] == 18
+    assert json.loads(stdout)["retention"] == {"kept": kept["kept"], **kept["counts"]}
+    assert "retention against the pretrained model" in stderr and "eos Si: lattice constant" in stderr
+    checked = tmp_path / "retention.json"
+    code, stdout, stderr = run(monkeypatch, capsys, "evaluate", "--retention", "--model", out / "best.pt",
+                               "--json", checked, "--no-progress")
+    assert code == 0, stderr
+    again = json.loads(checked.read_text())
+    assert again["pretrained"] == "sw"
+    # the same checks of the same checkpoint give the same figures (the run's also covered its validation frames)
+    ran = {i["item"]: i["finetuned"] for i in kept["items"]}
+    repeated = {i["item"]: i["finetuned"] for i in again["items"]}
+    assert set(repeated) < set(ran) and any(name.startswith("frames validation") for name in ran)
+    assert [repeated[k] for k in repeated] == pytest.approx([ran[k] for k in repeated], rel=1e-6)

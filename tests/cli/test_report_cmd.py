@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
     (data / "splits.json").write_text(json.dumps({"train": ["vacancy"], "test": ["si2"]}))
     pairs = load_pairs(data)
     config = TrainConfig(model="sw", grad="full", steps=3, epochs=1, batch_size=1, lr=1e-3, dtype="float64",
-                         eval_max_steps=300)
+                         eval_max_steps=300, distill_weight=0.0, retention_check=False)
     summary = finetune(config, [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "test"],
                        tmp / "run", progress=False)
     return tmp / "run", data, summary

@@ -12,7 +12,8 @@ from relaxtune.train.finetune import Trainer
 
 def test_checkpoint_roundtrip_gives_the_trained_model_everywhere(sw_pairs, tmp_path):
     cfg = TrainConfig(model="sw", dtype="float64", optimizer="gd", steps=200, fmax=1e-3, grad="implicit", epochs=1,
-                      batch_size=2, lr=1e-2, learn_step=True, eval_fmax=1e-3)
+                      batch_size=2, lr=1e-2, learn_step=True, eval_fmax=1e-3, distill_weight=0.0,
+                      retention_check=False)
     Trainer(cfg, sw_pairs[:2], sw_pairs[4:], tmp_path, progress=False).run()
     data = torch.load(tmp_path / "last.pt", weights_only=True)  # no pickled classes: safe to load
     assert data["format"] == ckpt.FORMAT and data["model_spec"] == "sw" and data["epoch"] == 1

@@ -24,7 +24,8 @@ CLASSICAL = {"lj", "sw"}
 
 @app.command("evaluate")
 def evaluate_command(
-    data: str = typer.Argument(..., help="Relaxation pairs: a file, a directory, builtin:NAME, ..."),
+    data: Optional[str] = typer.Argument(None, help="Relaxation pairs: a file, a directory, builtin:NAME, ... "
+                                         "(with --retention: optional, its DFT frames are checked too)."),
     model: str = typer.Option(..., "--model", help="chgnet, sevennet, sw, lj, a MACE file or a relaxtune checkpoint."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train | val | test) of DATA."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (and per-structure rows) here."),
@@ -40,6 +41,9 @@ def evaluate_command(
     symprec: Optional[float] = typer.Option(None, "--symprec", help="Also report Dq up to a symmetry of each "
                                             "initial structure (spglib tolerance, Å; 0.6 for the shipped Si "
                                             "defects, rattled by 0.05 Å): dq_sym_mean, basin_match_sym_rate."),
+    retention: bool = typer.Option(False, "--retention", help="Instead: check a fine-tuned checkpoint against its "
+                                   "pretrained model on the bulk crystals of its training elements (equations of "
+                                   "state, cell relaxations, DFT frames), as every finetune run does."),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
@@ -57,6 +61,11 @@ def evaluate_command(
 
     if json_path is not None:
         check_writable(json_path, "--json")
+    if retention:
+        use_threads(threads)
+        return retention_command(model, data, split, json_path)
+    if data is None:
+        raise UserInputError("DATA: missing (relaxation pairs to evaluate on)")
     if start not in STARTS:
         raise UserInputError(f"--start {start}: not initial or relaxed")
     if symprec is not None and not symprec > 0:
@@ -117,3 +126,38 @@ def evaluate_command(
         from relaxtune.train.checkpoint import atomic_write_text
 
         atomic_write_text(json.dumps({**metrics, "rows": result.rows}, indent=2) + "\n", json_path)
+
+
+def retention_command(model: str, data: Optional[str], split: Optional[str], json_path: Optional[Path]) -> None:
+    """``evaluate --retention``: the retention suite of ``relaxtune.retention`` for checkpoint ``model`` against
+    the model it was trained from, over its training elements (and DATA's DFT frames, if given)."""
+    from relaxtune.data import DataError, load_pairs
+    from relaxtune.potentials import load_model
+    from relaxtune.retention import retention, retention_lines
+    from relaxtune.train.checkpoint import atomic_write_text, base_model_spec
+    from relaxtune.train.frames import dft_frames
+
+    base = base_model_spec(model)
+    if base == model:
+        raise UserInputError(f"--model {model}: --retention needs a relaxtune checkpoint (.pt) to compare with the "
+                             "model it was fine-tuned from")
+    try:
+        net = load_model(model)
+        pretrained = load_model(base)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserInputError(f"--model {model}: {' '.join(str(exc).split())}") from None
+    frames = {}
+    if data is not None:
+        try:
+            pairs = load_pairs(data)
+        except (DataError, FileNotFoundError, ValueError) as exc:
+            raise UserInputError(f"{data}: {' '.join(str(exc).split())}") from None
+        pairs = [p for p in pairs if split is None or p.split == split]
+        frames[data if split is None else f"{data}:{split}"] = [f for p in pairs for f in dft_frames(p)]
+    species = net.train_species or sorted({s for fr in frames.values() for a in fr for s in a.get_chemical_symbols()})
+    result = retention(net, pretrained, species, extra_frames=frames)
+    for line in retention_lines(result):
+        typer.echo(line, err=True)
+    typer.echo(json.dumps({"kept": result["kept"], **result["counts"]}, indent=2))
+    if json_path is not None:
+        atomic_write_text(json.dumps({"model": model, "pretrained": base, **result}, indent=2) + "\n", json_path)

@@ -126,6 +126,16 @@ def finetune_command(
                                     "solve) of a structure starts where the previous epoch's ended."),
     cg_tol: float = typer.Option(DEFAULTS.cg_tol, "--cg-tol", min=1e-12, help="Relative residual at which the "
                                  "implicit gradient's CG solve stops (--grad implicit | hybrid)."),
+    distill_weight: float = typer.Option(DEFAULTS.distill_weight, "--distill-weight", min=0.0,
+                                         help="Weight of self-distillation: each step also fits strained, rattled "
+                                         "bulk crystals of the training elements to the pretrained model's energy, "
+                                         "forces and stress, so the host keeps its lattice constant (0 = off)."),
+    anchor_weight: float = typer.Option(DEFAULTS.anchor_weight, "--anchor-weight", min=0.0,
+                                        help="L2-SP: λ of λ·|θ - θ0|², a pull of every weight back to its "
+                                        "pretrained value (0 = off)."),
+    retention_check: bool = typer.Option(DEFAULTS.retention_check, "--retention/--no-retention",
+                                         help="After training, check best.pt against the pretrained model on the "
+                                         "bulk crystals of the training elements (summary.json 'retention')."),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
                                  "divided by the pretrained model's Dq of each training structure)."),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
@@ -184,7 +194,8 @@ def finetune_command(
             seed=seed, dtype=dtype, forces_mix=forces_mix, stress_weight=stress_weight,
             fixed_cell_stress=fixed_cell_stress, energy_weight=energy_weight, energy_scale=energy_scale, start=start,
             val_start=val_start, dq_scale=dq_scale, frames_per_structure=frames_per_structure,
-            warm_start=warm_start, cg_tol=cg_tol,
+            warm_start=warm_start, cg_tol=cg_tol, distill_weight=distill_weight, anchor_weight=anchor_weight,
+            retention_check=retention_check,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
@@ -215,5 +226,7 @@ def finetune_command(
         "model_movement": summary["parameter_movement"]["model"]["relative"],
         "relax_movement": summary["parameter_movement"].get("relax", {}).get("relative"),
         "skipped_structures": summary["skipped_structures"],
+        **({"retention": {"kept": summary["retention"]["kept"], **summary["retention"]["counts"]}}
+           if "retention" in summary else {}),
     }, indent=2))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from relaxtune.data.pairs import DataError, RelaxationPair, read_directory, read_splits_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -208,3 +209,4 @@ def load_builtin(spec: str) -> list[RelaxationPair]:
 def builtin_path(name: str) -> Path:
     """The folder holding a shipped dataset's files."""
     return get_dataset(name).directory
+

@@ -14,7 +14,8 @@ ENERGY_SCALES = ("per-atom", "total")
 ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "structure+forces": ("total", 0.1)}
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
-                        "frames_per_structure": 0, "warm_start": False}
+                        "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
+                        "retention_check": False}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -50,6 +51,12 @@ class TrainConfig:
     warmup over ``warmup_frac`` of the steps then cosine decay to ``lr * min_lr_ratio`` (or constant),
     gradient-norm clipping at ``grad_clip`` (0 = off), ``train_params`` = all | readout | freeze-embeddings |
     comma-separated name fragments.
+
+    Keeping what pretraining knew (``relaxtune.train.distill``): every step also fits ``distill_per_step`` of
+    the ``distill_per_prototype`` strained, rattled copies of each bulk crystal of the training elements to the
+    pretrained model's energy, forces and stress, at ``distill_weight`` (0 = off; stress at ``stress_weight``);
+    ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights. ``retention_check`` measures best.pt
+    against the pretrained model after training (``relaxtune.retention``) into summary.json and the log.
 
     Validation: Dq of relaxations (``eval_optimizer`` to ``eval_fmax``) from ``val_start`` picks best.pt;
     ``patience`` epochs without an improvement of ``min_delta`` stop the run (0 = never).
@@ -99,6 +106,12 @@ class TrainConfig:
     frame_chunk: int = 8
     frames_per_structure: int = 4  # structure+forces: DFT frames fitted per structure and step (0 = all)
     forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
+    # keeping what pretraining knew
+    distill_weight: float = 100.0  # weight of the self-distillation term (0 = off), like forces_mix
+    distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
+    distill_per_step: int = 8  # of those, fitted per optimizer step
+    anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
+    retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
     # validation / stopping
     eval_fmax: float = 0.02
     eval_max_steps: int = 500
@@ -154,8 +167,11 @@ class TrainConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
+        for name in ("distill_weight", "anchor_weight", "distill_per_prototype"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",
-                     "frame_chunk"):
+                     "frame_chunk", "distill_per_step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:

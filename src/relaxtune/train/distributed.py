@@ -241,6 +241,7 @@ class DistributedTrainer(Trainer):
                  log: Callable[[str], None] | None = None):
         self.ctx = ctx  # first: the overridden hooks below read it
         super().__init__(config, train, val, out_dir, model=model, progress=progress and ctx.is_main, log=log)
+        self.main_process = ctx.is_main
 
     # -------------------------------------------------------------- rank-0-only side effects
     def log(self, msg: str) -> None:
@@ -347,6 +348,7 @@ class DistributedTrainer(Trainer):
         for p in params:
             if p.grad is not None:
                 p.grad = p.grad / tot[2]
+        self._keep_pretrained(stats)
         if c.grad_clip > 0:
             for group in self.optimizer.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], c.grad_clip)

@@ -34,11 +34,14 @@ import numpy as np
 import torch
 
 from relaxtune.data.pairs import frame_stress
+from relaxtune.potentials import load_model
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.retention import retention, retention_lines
 from relaxtune.state import Batch
 from relaxtune.train import checkpoint as ckpt
 from relaxtune.train import losses
 from relaxtune.train.config import TrainConfig
+from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set
 from relaxtune.train.frames import dft_frames, frame_rng, sample_frames
 
 #: CHGNet's module names (children of ``chgnet.model.CHGNet``; our adapter holds it as ``model``).
@@ -48,7 +51,7 @@ CHGNET_EMBEDDINGS = ("atom_embedding", "bond_basis_expansion", "bond_embedding",
 #: per-element embeddings (a row or block per element): CHGNet, SevenNet, MACE (``TrainConfig.embedding_lr``)
 ELEMENT_EMBEDDINGS = ("atom_embedding", "onehot_to_feature_x", "node_embedding")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
-                 "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
+                 "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated", "distill_loss",
                  "grad_norm_model", "grad_norm_elements", "grad_norm_relax",
                  "val_dq_mean", "val_dq_median", "val_rmsd_mean", "val_max_disp_mean", "val_basin_match_rate",
                  "val_converged_rate", "val_steps_mean", "step_size", "is_best", "time_s"]
@@ -136,6 +139,8 @@ class EpochStats:
     fallback: int = 0
     truncated: int = 0
     grad_norms: dict[str, list[float]] = field(default_factory=dict)
+    distill_sum: float = 0.0
+    distill_n: int = 0
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -170,11 +175,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.progress = progress
         self._log = log
+        self.main_process = True  # the process that writes the run's files and checks retention
         self.dtype = _dtype(config.dtype)
         self.model_spec = ckpt.base_model_spec(config.model)
         if model is None:
-            from relaxtune.potentials import load_model
-
             model = load_model(config.model, dtype=self.dtype)
         self.model = model
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
@@ -203,6 +207,9 @@ class Trainer:
         self.total_steps = config.epochs * self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
         self.theta0_model = _flat(self.model_params)
+        self.anchor = [p.detach().clone() for p in self.model_params] if config.anchor_weight > 0 else []
+        self.distill = (distillation_set(self.model, self.train_species, config.distill_per_prototype, config.seed,
+                                         self.dtype) if config.distill_weight > 0 else [])
         self.theta0_relax = _flat(self.relax_params)
         self.module_names = sorted({".".join(n.split(".")[:2]) for n, p in self.model.named_parameters()
                                     if p.requires_grad})
@@ -451,6 +458,24 @@ class Trainer:
         return {"structure": self._structure_loss, "forces": self._forces_loss,
                 "structure+forces": self._combined_loss}[self.config.objective]
 
+    def _keep_pretrained(self, stats: EpochStats) -> None:
+        """Add the gradients of the terms that keep the model near its pretrained self: self-distillation on
+        this step's draw of the bulk set and the L2-SP anchor. Each rank adds the same (the draw depends on the
+        seed and the step alone), after the data gradient is complete."""
+        c = self.config
+        if self.distill and c.distill_weight > 0:
+            picks = distillation_draw(len(self.distill), c.distill_per_step, c.seed, self.scheduler.last_epoch)
+            loss = distillation_loss(self.model, [self.distill[i] for i in picks], c.stress_weight, self.dtype)
+            grads = torch.autograd.grad(c.distill_weight * loss, self.model_params, allow_unused=True)
+            for p, g in zip(self.model_params, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+            stats.distill_sum += float(loss.detach())
+            stats.distill_n += 1
+        for p, p0 in zip(self.model_params, self.anchor):
+            g = 2.0 * c.anchor_weight * (p.detach() - p0)
+            p.grad = g if p.grad is None else p.grad + g
+
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
@@ -479,6 +504,7 @@ class Trainer:
             stats.skipped_batches += 1
             self.scheduler.step()  # keep the schedule aligned with the planned number of steps
             return
+        self._keep_pretrained(stats)
         for group in self.optimizer.param_groups:  # norms before clipping (diagnostics in metrics.csv)
             grads = [p.grad.detach().double().reshape(-1) for p in group["params"] if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
@@ -598,6 +624,7 @@ class Trainer:
                 "skipped_structures": stats.skipped_structures, "skipped_batches": stats.skipped_batches,
                 "cg_iterations": stats.cg_iterations, "implicit_fallback": stats.fallback,
                 "cg_truncated": stats.truncated,
+                "distill_loss": stats.distill_sum / stats.distill_n if stats.distill_n else None,
             })
             for name, norms in stats.grad_norms.items():
                 row[f"grad_norm_{name}"] = float(np.mean(norms)) if norms else None
@@ -685,8 +712,21 @@ class Trainer:
             self._save(row, val)
             self.log(self._line(row))
         summary = self.summary()
+        if c.retention_check and self.main_process:
+            summary["retention"] = self.check_retention()
         self._write_summary(summary)
         return summary
+
+    def check_retention(self) -> dict[str, Any]:
+        """best.pt against the pretrained model on what neither trained on (``relaxtune.retention``): the crystals
+        of the training elements and the validation structures' DFT frames; logged item by item."""
+        best = ckpt.load_checkpoint_model(self.out / "best.pt", dtype=self.dtype).to(self.device)
+        pretrained = load_model(self.config.model, dtype=self.dtype).to(self.device)
+        frames = {"validation": [f for p in self.val for f in self._dft_frames(p)]}
+        result = retention(best, pretrained, self.train_species, extra_frames=frames)
+        for line in retention_lines(result):
+            self.log(line)
+        return result
 
     def _write_summary(self, summary: dict[str, Any]) -> None:
         ckpt.atomic_write_text(json.dumps(_jsonable(summary), indent=2) + "\n", self.out / "summary.json")
