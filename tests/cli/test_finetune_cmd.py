@@ -160,3 +160,17 @@ def test_every_run_checks_retention_and_evaluate_repeats_the_check(monkeypatch, 
     repeated = {i["item"]: i["finetuned"] for i in again["items"]}
     assert set(repeated) < set(ran) and any(name.startswith("frames validation") for name in ran)
     assert [repeated[k] for k in repeated] == pytest.approx([ran[k] for k in repeated], rel=1e-6)
+
+
+def test_resume_refuses_changed_options_in_one_line_unless_forced(monkeypatch, capsys, dataset, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1")
+    assert code == 0, err
+    changed = [a if a != "0.003" else "0.01" for a in SW_ARGS]
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *changed, "--epochs", "2", "--resume")
+    assert code == 2 and "lr 0.003 -> 0.01" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *changed, "--epochs", "2",
+                            "--resume", "--force")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["config"]["lr"] == 0.003  # the stored settings went on

@@ -71,3 +71,10 @@ def test_ctrl_c_ends_a_command_with_exit_code_130(monkeypatch, capsys, tmp_path)
                        "--model", "sw")
     assert code == 130, err
     assert "aborted" in err and "Traceback" not in err
+
+
+def test_version_and_a_missing_checkpoint_named_as_such(monkeypatch, capsys):
+    code, stdout, _ = run(monkeypatch, capsys, "--version")
+    assert code == 0 and stdout.strip().startswith("relaxtune ")
+    code, _, err = run(monkeypatch, capsys, "evaluate", "builtin:si-defects-mini:val", "--model", "runs/gone/best.pt")
+    assert code == 2 and "runs/gone/best.pt: no such file" in err and "unknown model" not in err

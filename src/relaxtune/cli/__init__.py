@@ -11,7 +11,21 @@ from pathlib import Path
 
 import typer
 
+from relaxtune import __version__
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"relaxtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Fine-tune interatomic potentials so that their relaxations land where DFT's do."""
 
 
 class UserInputError(Exception):

@@ -83,6 +83,29 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise UserInputError(f"--out {out}: {existing} is not writable")
 
 
+#: settings a resumed run may change: more epochs, another patience
+RESUMABLE_CHANGES = ("epochs", "patience")
+
+
+def check_resume_options(out: Path, config: TrainConfig) -> None:
+    """A resumed run continues with its stored settings; refuse, in one line, options that say otherwise."""
+    from relaxtune.train.checkpoint import read_checkpoint
+
+    last = out / "last.pt"
+    if not last.exists():
+        return
+    try:
+        stored = TrainConfig.from_dict(read_checkpoint(last)["config"]).to_dict()
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UserInputError(f"--resume: {last}: {' '.join(str(exc).split())}") from None
+    given = config.to_dict()
+    changed = [f"{k} {stored[k]} -> {given[k]}" for k in given
+               if k not in RESUMABLE_CHANGES and k in stored and stored[k] != given[k]]
+    if changed:
+        raise UserInputError(f"--resume: options differ from the run stored in {last}: {'; '.join(changed)}. Give "
+                             "the run's own options, or add --force to continue with the stored ones")
+
+
 @app.command("finetune")
 def finetune_command(
     train: str = typer.Argument(..., help="Training relaxation pairs (file, directory, builtin:NAME, ...)."),
@@ -146,7 +169,10 @@ def finetune_command(
     train_params: str = typer.Option(DEFAULTS.train_params, "--train-params",
                                      help="all | readout | freeze-embeddings | comma-separated name fragments."),
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed (data order)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (same settings as stored)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt; options that differ from the "
+                                "stored run are refused (--epochs and --patience may change)."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue with the stored settings even where "
+                               "the options given differ."),
     fmax: float = typer.Option(DEFAULTS.fmax, "--fmax", help="Convergence of training relaxations (eV/Å)."),
     truncate_steps: int = typer.Option(DEFAULTS.truncate_steps, "--truncate-steps", help="Steps kept by --grad truncated."),
     checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, "--checkpoint-every", help="Block length of --grad checkpoint."),
@@ -200,6 +226,8 @@ def finetune_command(
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     check_run_folder(out, resume)
+    if resume and not force:
+        check_resume_options(out, config)
     train_pairs, val_pairs, note = resolve_data(train, val)
     if ctx.is_main:
         typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})"

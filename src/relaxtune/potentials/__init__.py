@@ -58,6 +58,9 @@ def load_model(spec: str | Path | EnergyModel, dtype: torch.dtype = torch.float3
         return classical.LennardJones() if key == "lj" else classical.StillingerWeber()
     path = Path(name).expanduser()
     if not path.is_file():
+        if path.suffix in (".pt", ".model", ".pth") or len(path.parts) > 1:
+            raise ValueError(f"{name}: no such file" + (" (a folder: give the checkpoint in it, e.g. best.pt)"
+                                                        if path.is_dir() else ""))
         raise ValueError(f"unknown model {name!r}: use {MODEL_CHOICES}")
     if _is_mace_file(path):
         from relaxtune.potentials.mace import MACEModel
