@@ -505,6 +505,9 @@ class Trainer:
             self.scheduler.step()  # keep the schedule aligned with the planned number of steps
             return
         self._keep_pretrained(stats)
+        for p in self.model_params + self.relax_params:  # unreached this step: a zero gradient, as on many ranks
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         for group in self.optimizer.param_groups:  # norms before clipping (diagnostics in metrics.csv)
             grads = [p.grad.detach().double().reshape(-1) for p in group["params"] if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
