@@ -23,12 +23,15 @@ def test_the_same_model_keeps_everything_and_a_shifted_lattice_is_flagged_worse(
     same = retention(_sw(), _sw(), ["Si"])
     assert same["kept"] and same["counts"]["worse"] == 0 and same["n_crystals"] == 18
     assert {i["verdict"] for i in same["items"]} == {"same"}
-    # sigma sets SW's length scale: 1% larger sigma = 1% larger lattice constant, volumes 3% off
-    shifted = retention(_sw(1.01), _sw(), ["Si"])
+    # sigma sets SW's length scale: 1% smaller sigma = 1% smaller lattice constant, further below PBE's
+    shifted = retention(_sw(0.99), _sw(), ["Si"])
     items = {i["item"]: i for i in shifted["items"]}
     lattice = items["eos Si: lattice constant vs DFT"]
-    assert lattice["change_vs_pretrained"] == pytest.approx(0.01, abs=1e-3)
+    assert lattice["change_vs_pretrained"] == pytest.approx(-0.01, abs=1e-3) and lattice["verdict"] == "worse"
     assert not shifted["kept"]
+    # the other way, 1% larger, SW's lattice constant (5.431 Å) moves toward PBE's (5.4755 Å): better
+    closer = {i["item"]: i for i in retention(_sw(1.01), _sw(), ["Si"])["items"]}
+    assert closer["eos Si: lattice constant vs DFT"]["verdict"] == "better"
     assert any("NOT kept" in line for line in retention_lines(shifted))
     relaxed = [i for name, i in items.items() if name.startswith("relax Si")]
     assert relaxed and all(i["verdict"] != "same" for i in relaxed)
