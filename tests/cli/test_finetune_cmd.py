@@ -174,3 +174,25 @@ def test_resume_refuses_changed_options_in_one_line_unless_forced(monkeypatch, c
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["config"]["lr"] == 0.003  # the stored settings went on
+
+
+def test_a_config_file_sets_any_field_and_the_command_line_overrides_it(monkeypatch, capsys, dataset, tmp_path):
+    settings = tmp_path / "run.yaml"
+    settings.write_text("model: sw\noptimizer: gd\nsteps: 300\nfmax: 1e-3\nbatch_size: 2\nlr: 1e-9\n"
+                        "objective: structure\nepochs: 1\ndistill_weight: 0\nretention_check: false\n")
+    out = tmp_path / "run"
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, "--config", settings, "--lr", "0.003",
+                       "--no-progress")
+    assert code == 0, err
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert config["lr"] == 0.003 and config["fmax"] == 1e-3 and config["epochs"] == 1  # YAML's 1e-3 is a number
+    assert config["model"] == "sw" and config["dtype"] == "float64"  # the classical model's dtype
+    # the run folder holds the resolved settings, which reproduce the run as a config file
+    again = tmp_path / "again"
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", again, "--config", out / "config.yaml",
+                       "--no-progress")
+    assert code == 0, err
+    assert json.loads((again / "summary.json").read_text())["config"] == config
+    settings.write_text("model: sw\nlearning_rate: 0.1\n")
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", tmp_path / "bad", "--config", settings)
+    assert code == 2 and f"--config {settings}: field 'learning_rate'" in err and len(err.strip().splitlines()) == 1

@@ -9,7 +9,8 @@
 TRAIN / --val: a file, a directory, INITIAL:FINAL, DIR:SPLIT, builtin:NAME or builtin:NAME:SPLIT. When TRAIN's
 pairs carry a split (a dataset with splits.json, e.g. builtin:si-defects), only its ``train`` split is trained
 on and, without --val, its ``val`` split validates; test structures are never touched.
-Writes DIR/best.pt, DIR/last.pt, DIR/metrics.csv, DIR/summary.json.
+Writes DIR/best.pt, DIR/last.pt, DIR/metrics.csv, DIR/summary.json and DIR/config.yaml (the resolved settings,
+reusable with --config).
 """
 
 from __future__ import annotations
@@ -83,6 +84,54 @@ def check_run_folder(out: Path, resume: bool) -> None:
         raise UserInputError(f"--out {out}: {existing} is not writable")
 
 
+def apply_config_file(config: TrainConfig, path: Path, given: set[str]) -> TrainConfig:
+    """``config`` with the TrainConfig fields of YAML file ``path``, except those in ``given`` (options typed on
+    the command line win). One-line errors name the file and the field."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserInputError(f"--config {path}: {' '.join(str(exc).split())[:200]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config {path}: not a mapping of setting: value")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserInputError(f"--config {path}: field {key!r}: not a fine-tuning setting (see relaxtune "
+                                 "finetune --help; names as in TrainConfig, with underscores)")
+        kind = str(fields[key].type)
+        try:
+            if value is None or key in given:
+                pass
+            elif kind == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError("expected true or false")
+            elif kind == "int":
+                value = int(value)
+            elif "float" in kind:
+                value = float(value)  # YAML reads 1e-3 (no dot) as a string
+        except (TypeError, ValueError) as exc:
+            raise UserInputError(f"--config {path}: field {key!r}: {value!r}: {exc}") from None
+        values[key] = value
+    merged = {**values, **{k: v for k, v in config.to_dict().items() if k in given}}
+    if "dtype" not in merged:
+        merged["dtype"] = "float64" if str(merged.get("model", config.model)).lower() in CLASSICAL else "float32"
+    try:
+        return TrainConfig(**merged)
+    except ValueError as exc:
+        raise UserInputError(f"--config {path}: {exc}") from None
+
+
+def given_on_command_line(ctx: typer.Context) -> set[str]:
+    """Names of the parameters the user typed (not defaults)."""
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+
+
 #: settings a resumed run may change: more epochs, another patience
 RESUMABLE_CHANGES = ("epochs", "patience")
 
@@ -108,87 +157,91 @@ def check_resume_options(out: Path, config: TrainConfig) -> None:
 
 @app.command("finetune")
 def finetune_command(
+    cli_context: typer.Context,
     train: str = typer.Argument(..., help="Training relaxation pairs (file, directory, builtin:NAME, ...)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (best.pt, last.pt, metrics.csv, summary.json)."),
-    val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split)."),
-    model: str = typer.Option(DEFAULTS.model, "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint."),
-    steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A YAML file of TrainConfig fields (every "
+                                               "setting below, by field name: lr, distill_weight, ...); options "
+                                               "given on the command line override it.", rich_help_panel="Data and output"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (best.pt, last.pt, metrics.csv, summary.json).", rich_help_panel="Data and output"),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split).", rich_help_panel="Data and output"),
+    model: str = typer.Option(DEFAULTS.model, "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint.", rich_help_panel="Model"),
+    steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max).", rich_help_panel="Training relaxation"),
     optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd | lbfgs "
-                                  "(lbfgs with --grad implicit only)."),
-    grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid."),
+                                  "(lbfgs with --grad implicit only).", rich_help_panel="Training relaxation"),
+    grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid.", rich_help_panel="Gradient through the relaxation"),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Relaxation step size η: GD step "
-                                              "(Å²/eV, default 0.02) or FIRE's initial dt (default 0.1)."),
+                                              "(Å²/eV, default 0.02) or FIRE's initial dt (default 0.1).", rich_help_panel="Training relaxation"),
     learn_step: bool = typer.Option(DEFAULTS.learn_step, "--learn-step", help="Also train the relaxation step size "
-                                    "(starting at --step-size)."),
+                                    "(starting at --step-size).", rich_help_panel="Training relaxation"),
     start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
-                              "(the reference method) or at the DFT-relaxed one: initial | relaxed."),
+                              "(the reference method) or at the DFT-relaxed one: initial | relaxed.", rich_help_panel="Training relaxation"),
     objective: str = typer.Option(DEFAULTS.objective, "--objective",
-                                  help="structure+forces (Dq + DFT frames; default) | structure (Dq) | forces (baseline)."),
+                                  help="structure+forces (Dq + DFT frames; default) | structure (Dq) | forces (baseline).", rich_help_panel="Objective"),
     forces_mix: float = typer.Option(DEFAULTS.forces_mix, "--forces-mix", help="structure+forces: weight of the DFT-frame "
-                                     "energy/force MSE against Dq."),
+                                     "energy/force MSE against Dq.", rich_help_panel="Objective"),
     stress_weight: float = typer.Option(DEFAULTS.stress_weight, "--stress-weight", min=0.0,
                                         help="Weight of the stress MSE (GPa^2) on DFT frames that carry a stress "
-                                        "(cell relaxations), next to forces (1) and energies (--energy-weight)."),
+                                        "(cell relaxations), next to forces (1) and energies (--energy-weight).", rich_help_panel="Objective"),
     energy_weight: Optional[float] = typer.Option(None, "--energy-weight", min=0.0,
                                                   help="Weight of the squared error of each DFT frame's energy "
                                                   "relative to the relaxed frame, next to the force MSE (weight 1). "
-                                                  "Default: 0.1, or 1 with --objective forces."),
+                                                  "Default: 0.1, or 1 with --objective forces.", rich_help_panel="Objective"),
     energy_scale: Optional[str] = typer.Option(None, "--energy-scale",
                                                help="per-atom ((eV/atom)^2, CHGNet's convention) | total (eV^2: the "
                                                "energy differences between a defect's configurations). Default: "
-                                               "total, or per-atom with --objective forces."),
+                                               "total, or per-atom with --objective forces.", rich_help_panel="Objective"),
     fixed_cell_stress: bool = typer.Option(DEFAULTS.fixed_cell_stress, "--fixed-cell-stress",
                                            help="Also fit the stress that frames of fixed-cell relaxations carry "
-                                           "(off: on the Γ-only Si defects it cost accuracy on unseen types)."),
+                                           "(off: on the Γ-only Si defects it cost accuracy on unseen types).", rich_help_panel="Objective"),
     frames_per_structure: int = typer.Option(DEFAULTS.frames_per_structure, "--frames-per-structure", min=0,
                                              help="structure+forces: DFT frames fitted per structure and step (the "
                                              "relaxed one and one per stratum of the path, weighted to estimate the "
-                                             "mean over all frames); 0 = every frame."),
+                                             "mean over all frames); 0 = every frame.", rich_help_panel="Objective"),
     warm_start: bool = typer.Option(DEFAULTS.warm_start, "--warm-start/--cold-start",
                                     help="With --start relaxed: each epoch's training relaxation (and implicit CG "
-                                    "solve) of a structure starts where the previous epoch's ended."),
+                                    "solve) of a structure starts where the previous epoch's ended.", rich_help_panel="Training relaxation"),
     cg_tol: float = typer.Option(DEFAULTS.cg_tol, "--cg-tol", min=1e-12, help="Relative residual at which the "
-                                 "implicit gradient's CG solve stops (--grad implicit | hybrid)."),
+                                 "implicit gradient's CG solve stops (--grad implicit | hybrid).", rich_help_panel="Gradient through the relaxation"),
     distill_weight: float = typer.Option(DEFAULTS.distill_weight, "--distill-weight", min=0.0,
                                          help="Weight of self-distillation: each step also fits strained, rattled "
                                          "bulk crystals of the training elements to the pretrained model's energy, "
-                                         "forces and stress, so the host keeps its lattice constant (0 = off)."),
+                                         "forces and stress, so the host keeps its lattice constant (0 = off).", rich_help_panel="Keeping what the pretrained model knew"),
     anchor_weight: float = typer.Option(DEFAULTS.anchor_weight, "--anchor-weight", min=0.0,
                                         help="L2-SP: λ of λ·|θ - θ0|², a pull of every weight back to its "
-                                        "pretrained value (0 = off)."),
+                                        "pretrained value (0 = off).", rich_help_panel="Keeping what the pretrained model knew"),
     retention_check: bool = typer.Option(DEFAULTS.retention_check, "--retention/--no-retention",
                                          help="After training, check best.pt against the pretrained model on the "
-                                         "bulk crystals of the training elements (summary.json 'retention')."),
+                                         "bulk crystals of the training elements (summary.json 'retention').", rich_help_panel="Keeping what the pretrained model knew"),
     dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
-                                 "divided by the pretrained model's Dq of each training structure)."),
-    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs."),
-    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate of the model weights."),
+                                 "divided by the pretrained model's Dq of each training structure).", rich_help_panel="Objective"),
+    epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs.", rich_help_panel="Optimisation and validation"),
+    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate of the model weights.", rich_help_panel="Optimisation and validation"),
     embedding_lr: Optional[float] = typer.Option(DEFAULTS.embedding_lr, "--embedding-lr", help="Learning rate of "
-                                                 "the per-element embeddings (default: --lr)."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Structures relaxed together per optimizer step."),
+                                                 "the per-element embeddings (default: --lr).", rich_help_panel="Model"),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Structures relaxed together per optimizer step.", rich_help_panel="Optimisation and validation"),
     train_params: str = typer.Option(DEFAULTS.train_params, "--train-params",
-                                     help="all | readout | freeze-embeddings | comma-separated name fragments."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed (data order)."),
+                                     help="all | readout | freeze-embeddings | comma-separated name fragments.", rich_help_panel="Model"),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed (data order).", rich_help_panel="Optimisation and validation"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt; options that differ from the "
-                                "stored run are refused (--epochs and --patience may change)."),
+                                "stored run are refused (--epochs and --patience may change).", rich_help_panel="Data and output"),
     force: bool = typer.Option(False, "--force", help="With --resume: continue with the stored settings even where "
-                               "the options given differ."),
-    fmax: float = typer.Option(DEFAULTS.fmax, "--fmax", help="Convergence of training relaxations (eV/Å)."),
-    truncate_steps: int = typer.Option(DEFAULTS.truncate_steps, "--truncate-steps", help="Steps kept by --grad truncated."),
-    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, "--checkpoint-every", help="Block length of --grad checkpoint."),
-    hybrid_steps: int = typer.Option(DEFAULTS.hybrid_steps, "--hybrid-steps", help="Unrolled head of --grad hybrid."),
-    hybrid_head: str = typer.Option(DEFAULTS.hybrid_head, "--hybrid-head", help="Head of --grad hybrid: checkpoint | full."),
+                               "the options given differ.", rich_help_panel="Data and output"),
+    fmax: float = typer.Option(DEFAULTS.fmax, "--fmax", help="Convergence of training relaxations (eV/Å).", rich_help_panel="Training relaxation"),
+    truncate_steps: int = typer.Option(DEFAULTS.truncate_steps, "--truncate-steps", help="Steps kept by --grad truncated.", rich_help_panel="Gradient through the relaxation"),
+    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, "--checkpoint-every", help="Block length of --grad checkpoint.", rich_help_panel="Gradient through the relaxation"),
+    hybrid_steps: int = typer.Option(DEFAULTS.hybrid_steps, "--hybrid-steps", help="Unrolled head of --grad hybrid.", rich_help_panel="Gradient through the relaxation"),
+    hybrid_head: str = typer.Option(DEFAULTS.hybrid_head, "--hybrid-head", help="Head of --grad hybrid: checkpoint | full.", rich_help_panel="Gradient through the relaxation"),
     val_start: str = typer.Option(DEFAULTS.val_start, "--val-start", help="Validation relaxations start at the initial "
-                                  "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed."),
-    patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping after N epochs without improvement (0 = off)."),
-    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay."),
-    grad_clip: float = typer.Option(DEFAULTS.grad_clip, "--grad-clip", help="Gradient-norm clipping per group (0 = off)."),
-    step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float64 (default: float64 for sw/lj)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
-    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
+                                  "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed.", rich_help_panel="Optimisation and validation"),
+    patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping after N epochs without improvement (0 = off).", rich_help_panel="Optimisation and validation"),
+    weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay.", rich_help_panel="Optimisation and validation"),
+    grad_clip: float = typer.Option(DEFAULTS.grad_clip, "--grad-clip", help="Gradient-norm clipping per group (0 = off).", rich_help_panel="Optimisation and validation"),
+    step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters.", rich_help_panel="Training relaxation"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float64 (default: float64 for sw/lj).", rich_help_panel="Model"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars.", rich_help_panel="Machine"),
+    threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP, rich_help_panel="Machine"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
-                                         "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
+                                         "each rank's own GPU cuda:LOCAL_RANK when CUDA is available).", rich_help_panel="Machine"),
 ) -> None:
     """Fine-tune a model by backpropagating through relaxations.
 
@@ -225,6 +278,8 @@ def finetune_command(
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
+    if config_file is not None:
+        config = apply_config_file(config, config_file, given_on_command_line(cli_context))
     check_run_folder(out, resume)
     if resume and not force:
         check_resume_options(out, config)

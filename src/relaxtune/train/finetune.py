@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from relaxtune.data.pairs import frame_stress
 from relaxtune.potentials import load_model
@@ -679,6 +680,8 @@ class Trainer:
             self._restore(last)
             self.log(f"resumed from {last} at epoch {self.epoch}")
         else:
+            if self.main_process:  # the resolved settings, reusable as ``relaxtune finetune --config``
+                ckpt.atomic_write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), self.out / "config.yaml")
             t0 = time.time()
             self.dq_scale = self._measure_dq_scale()
             val = self.validate()
