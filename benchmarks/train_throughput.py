@@ -7,6 +7,7 @@ pretrained Dq scale), where the time goes:
 * ``relax forward``  the training relaxations (no graph in ``implicit`` mode);
 * ``relax backward`` the gradient through them (implicit CG / unrolled backward, and the Dq loss);
 * ``frames``         the DFT-frame energy/force terms, forward and double backward;
+* ``keep pretrained`` self-distillation on bulk crystals and the L2-SP anchor;
 * ``validation``     relaxing the validation structures;
 * ``other``          everything else (optimizer step, checkpoints, logging).
 
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-PARTS = ("relax forward", "relax backward", "frames", "validation", "other")
+PARTS = ("relax forward", "relax backward", "frames", "keep pretrained", "validation", "other")
 
 
 class Clock:
@@ -85,6 +86,7 @@ TARGETS = (
     ("Trainer._frame_loss", "frames"),
     ("Trainer._structure_loss", "relax backward"),  # minus the forward nested in it: backward and the loss
     ("relax_for_training", "relax forward"),
+    ("Trainer._keep_pretrained", "keep pretrained"),  # self-distillation and the L2-SP anchor
     ("Trainer.validate", "validation"),
     ("Trainer._measure_dq_scale", "validation"),
 )
