@@ -237,7 +237,7 @@ def run_pretrained(cell: Cell, study: Path, refresh: bool) -> dict:
 
 
 def run_finetune(cell: Cell, study: Path, refresh: bool) -> dict:
-    from relaxtune.train.checkpoint import load_checkpoint_model
+    from relaxtune.potentials import load_checkpoint_model
     from relaxtune.train.config import TrainConfig
     from relaxtune.train.finetune import Trainer
 

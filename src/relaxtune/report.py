@@ -123,7 +123,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
         if p.exists():
             setattr(run, name, p)
     if run.model_path is not None:
-        from relaxtune.train.checkpoint import read_checkpoint
+        from relaxtune.potentials.checkpoint import read_checkpoint
 
         try:
             data = read_checkpoint(run.model_path)
@@ -246,7 +246,7 @@ def compare_models(run: RunInfo, pairs: Sequence, *, fmax: float, optimizer: str
         except ValueError:
             pass
     from relaxtune.potentials import load_model
-    from relaxtune.train.checkpoint import load_checkpoint_model
+    from relaxtune.potentials import load_checkpoint_model
 
     dtype = {"float64": torch.float64}.get(str((run.checkpoint or {}).get("dtype") or run.config.get("dtype")),
                                            torch.float32)

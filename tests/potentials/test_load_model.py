@@ -1,5 +1,6 @@
 """load_model: names, files (MACE model vs relaxtune checkpoint) and one-line errors."""
 
+import subprocess
 import sys
 import types
 
@@ -34,7 +35,7 @@ def test_model_instance_passes_through():
     assert load_model(model) is model
 
 
-@pytest.mark.parametrize("spec", ["nonsense", "no/such/file.pt", ""])
+@pytest.mark.parametrize("spec", ["nonsense", ""])
 def test_unknown_spec_is_one_line_value_error(spec):
     with pytest.raises(ValueError) as info:
         load_model(spec)
@@ -44,20 +45,28 @@ def test_unknown_spec_is_one_line_value_error(spec):
         assert choice in message
 
 
-def test_checkpoint_file_routes_to_trainer_loader(tmp_path, monkeypatch):
-    calls = []
-    fake = types.ModuleType("relaxtune.train.checkpoint")
+def test_a_missing_file_is_named_as_missing(tmp_path):
+    with pytest.raises(ValueError, match="no/such/file.pt: no such file"):
+        load_model("no/such/file.pt")
+    with pytest.raises(ValueError, match="a folder: give the checkpoint in it"):
+        load_model(str(tmp_path))
 
-    def load_checkpoint_model(path, dtype=None):
-        calls.append((str(path), dtype))
-        return LennardJones()
 
-    fake.load_checkpoint_model = load_checkpoint_model
-    monkeypatch.setitem(sys.modules, "relaxtune.train.checkpoint", fake)
+def test_loading_a_checkpoint_needs_no_training_code(tmp_path):
+    """A fine-tuned checkpoint loads through the models' own reader: relaxtune.train is never imported."""
+    from relaxtune.potentials.checkpoint import FORMAT, VERSION
+
     path = tmp_path / "finetuned.pt"
-    torch.save({"model_spec": "lj", "state_dict": {}}, path)
-    assert isinstance(load_model(str(path), dtype=torch.float64), EnergyModel)
-    assert calls == [(str(path), torch.float64)]
+    weights = {k: v * 1.01 for k, v in LennardJones().state_dict().items()}
+    torch.save({"format": FORMAT, "version": VERSION, "model_spec": "lj", "dtype": "float64",
+                "state_dict": weights, "train_species": ["Ar"]}, path)
+    code = ("import sys, relaxtune.potentials as p; m = p.load_model(sys.argv[1]); "
+            "assert not any(k.startswith('relaxtune.train') for k in sys.modules), sorted(sys.modules); "
+            "print(m.train_species, float(next(iter(m.state_dict().values()))))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("['Ar']") and float(out.stdout.split()[-1]) == pytest.approx(
+        float(next(iter(weights.values()))))
 
 
 class _FakeMace(torch.nn.Module):

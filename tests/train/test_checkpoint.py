@@ -5,6 +5,8 @@ import torch
 
 from relaxtune.potentials import load_model
 from relaxtune.potentials.classical import StillingerWeber
+from relaxtune.potentials import load_checkpoint_model
+from relaxtune.potentials.checkpoint import base_model_spec, read_checkpoint, unseen_species
 from relaxtune.train import checkpoint as ckpt
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import Trainer
@@ -19,7 +21,7 @@ def test_checkpoint_roundtrip_gives_the_trained_model_everywhere(sw_pairs, tmp_p
     assert data["format"] == ckpt.FORMAT and data["model_spec"] == "sw" and data["epoch"] == 1
     assert {"optimizer", "scheduler", "rng", "history"} <= set(data["trainer"])
     assert "trainer" not in torch.load(tmp_path / "best.pt", weights_only=True)
-    model = ckpt.load_checkpoint_model(tmp_path / "last.pt")
+    model = load_checkpoint_model(tmp_path / "last.pt")
     same = load_model(str(tmp_path / "last.pt"))
     for name, value in data["state_dict"].items():
         torch.testing.assert_close(model.state_dict()[name], value)
@@ -28,14 +30,14 @@ def test_checkpoint_roundtrip_gives_the_trained_model_everywhere(sw_pairs, tmp_p
     sp = ckpt.load_checkpoint_step_params(tmp_path / "last.pt")
     assert sp is not None and sp.step_size.item() > 0
     # fine-tuning a checkpoint stores the base model, not the path
-    assert ckpt.base_model_spec(str(tmp_path / "best.pt")) == "sw"
+    assert base_model_spec(str(tmp_path / "best.pt")) == "sw"
     # ... and the elements it was trained on, to warn about structures with others
-    assert model.train_species == ["Si"] and ckpt.unseen_species(model, [sw_pairs[0].initial]) is None
+    assert model.train_species == ["Si"] and unseen_species(model, [sw_pairs[0].initial]) is None
     other = sw_pairs[0].initial.copy()
     other.symbols[0] = "Ge"
-    warning = ckpt.unseen_species(model, [sw_pairs[0].initial, other])
+    warning = unseen_species(model, [sw_pairs[0].initial, other])
     assert warning.startswith("warning: Ge not in the fine-tuning data of") and "trained on Si" in warning
-    assert ckpt.unseen_species(load_model("sw"), [other]) is None  # a pretrained model: nothing to say
+    assert unseen_species(load_model("sw"), [other]) is None  # a pretrained model: nothing to say
 
 
 def test_checkpoint_as_ase_calculator(sw_pairs, tmp_path):
@@ -71,11 +73,11 @@ def test_not_a_checkpoint_is_a_one_line_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a readable relaxtune checkpoint"):
-        ckpt.read_checkpoint(bad)
+        read_checkpoint(bad)
     other = tmp_path / "other.pt"
     torch.save({"some": "dict"}, other)
     with pytest.raises(ValueError, match="not a relaxtune checkpoint"):
-        ckpt.load_checkpoint_model(other)
+        load_checkpoint_model(other)
 
 
 def test_rng_state_roundtrip():

@@ -57,7 +57,7 @@ def evaluate_command(
     from relaxtune.potentials import load_model
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
-    from relaxtune.train.checkpoint import unseen_species
+    from relaxtune.potentials.checkpoint import unseen_species
 
     if json_path is not None:
         check_writable(json_path, "--json")
@@ -134,7 +134,8 @@ def retention_command(model: str, data: Optional[str], split: Optional[str], jso
     from relaxtune.data import DataError, load_pairs
     from relaxtune.potentials import load_model
     from relaxtune.retention import retention, retention_lines
-    from relaxtune.train.checkpoint import atomic_write_text, base_model_spec
+    from relaxtune.potentials.checkpoint import base_model_spec
+    from relaxtune.train.checkpoint import atomic_write_text
     from relaxtune.train.frames import dft_frames
 
     base = base_model_spec(model)

@@ -138,7 +138,7 @@ RESUMABLE_CHANGES = ("epochs", "patience")
 
 def check_resume_options(out: Path, config: TrainConfig) -> None:
     """A resumed run continues with its stored settings; refuse, in one line, options that say otherwise."""
-    from relaxtune.train.checkpoint import read_checkpoint
+    from relaxtune.potentials.checkpoint import read_checkpoint
 
     last = out / "last.pt"
     if not last.exists():

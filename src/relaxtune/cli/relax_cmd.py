@@ -145,7 +145,7 @@ def relax_cmd(
     from relaxtune.relax import RelaxConfig, relax
     from relaxtune.relax.loop import OPTIMIZERS
     from relaxtune.state import Batch
-    from relaxtune.train.checkpoint import unseen_species
+    from relaxtune.potentials.checkpoint import unseen_species
 
     if optimizer not in OPTIMIZERS:
         raise UserInputError(f"--optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from relaxtune.potentials.base import EnergyForces, EnergyModel, UnsupportedElementError, energy_and_forces
+from relaxtune.potentials.checkpoint import DTYPES, read_checkpoint
 
-__all__ = ["EnergyForces", "EnergyModel", "UnsupportedElementError", "energy_and_forces", "load_model", "MODEL_CHOICES"]
+__all__ = ["EnergyForces", "EnergyModel", "UnsupportedElementError", "energy_and_forces", "load_model",
+           "load_checkpoint_model", "MODEL_CHOICES"]
 
 MODEL_CHOICES = "chgnet, sevennet, lj, sw, a MACE model file, or a relaxtune checkpoint (.pt)"
 
@@ -66,8 +68,22 @@ def load_model(spec: str | Path | EnergyModel, dtype: torch.dtype = torch.float3
         from relaxtune.potentials.mace import MACEModel
 
         return MACEModel(path, dtype=dtype)
-    try:
-        from relaxtune.train.checkpoint import load_checkpoint_model
-    except ImportError as exc:  # the trainer's checkpoint module is not there yet
-        raise ValueError(f"cannot load {name!r} as a relaxtune checkpoint: {exc}") from exc
     return load_checkpoint_model(path, dtype=dtype)
+
+
+def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
+    """The fine-tuned ``EnergyModel`` stored in a checkpoint, built by ``load_model(model_spec, dtype)`` (default:
+    its training dtype; classical models keep their float64 parameters whatever ``dtype`` says)."""
+    data = read_checkpoint(path)
+    stored = DTYPES.get(str(data.get("dtype", "float32")), torch.float32)
+    model = load_model(str(data["model_spec"]), dtype=dtype or stored)
+    state = data["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit model {data['model_spec']!r}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    model.checkpoint_path = str(path)
+    model.train_species = [str(s) for s in data.get("train_species") or []]
+    return model
+

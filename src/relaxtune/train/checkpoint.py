@@ -1,4 +1,4 @@
-"""Fine-tuned checkpoints: atomic writes, and loading one back as an ``EnergyModel``.
+"""Writing fine-tuning checkpoints: atomic writes, RNG states, the learned relaxation parameters.
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read (tensors, numbers, strings, lists,
 dicts; no pickled classes), so loading a file never runs code from it:
@@ -8,11 +8,12 @@ dicts; no pickled classes), so loading a file never runs code from it:
     model_name, dtype ("float32" | "float64"), state_dict (the model's weights),
     step_params: the relaxation parameters' state_dict or None, step_params_kwargs (their constructor
     arguments), config: the TrainConfig as a dict, epoch, metrics (validation Dq of this state),
-    train_species: the elements of the training structures (what :func:`unseen_species` checks against),
+    train_species: the elements of the training structures (what ``unseen_species`` checks against),
     trainer: (last.pt only) optimizer, scheduler, RNG states, history, early-stopping state — what
     ``resume`` needs to continue a killed run to the same result.
 
-Files are written to a temporary name in the same directory, flushed to disk, then renamed over the target
+Reading a checkpoint back as a model lives with the models (``relaxtune.potentials.checkpoint``, and
+``relaxtune.potentials.load_model``), so that loading a model never imports training code. Files are written to a temporary name in the same directory, flushed to disk, then renamed over the target
 (``os.replace``), so a run killed mid-write leaves the previous checkpoint intact.
 """
 
@@ -26,13 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "relaxtune-checkpoint"
-VERSION = 1
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from relaxtune.potentials.checkpoint import FORMAT, VERSION, read_checkpoint
+from relaxtune.relax import StepParameters
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.float64: "float64"}.get(dtype, str(dtype).replace("torch.", ""))
+__all__ = ["FORMAT", "VERSION", "atomic_save", "atomic_write_text", "load_checkpoint_step_params", "rng_state",
+           "set_rng_state"]
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -67,75 +66,11 @@ def atomic_write_text(text: str, path: str | Path) -> None:
             tmp.unlink()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict, checked to be a relaxtune checkpoint (``ValueError`` with one line if not)."""
-    path = Path(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch file, or pickled classes
-        raise ValueError(f"{path}: not a readable relaxtune checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a relaxtune checkpoint (no format={FORMAT!r} field)")
-    if int(data.get("version", 0)) > VERSION:
-        raise ValueError(f"{path}: checkpoint version {data.get('version')} is newer than this relaxtune ({VERSION})")
-    return data
-
-
-def base_model_spec(spec: str) -> str:
-    """The base model behind ``spec``: a checkpoint path resolves to the spec it was trained from."""
-    path = Path(str(spec)).expanduser()
-    if path.suffix == ".pt" and path.is_file():
-        return str(read_checkpoint(path)["model_spec"])
-    return str(spec)
-
-
-def build_base_model(spec: str, dtype: torch.dtype) -> torch.nn.Module:
-    from relaxtune.potentials import load_model
-
-    return load_model(spec, dtype=dtype)
-
-
-def load_checkpoint_model(path: str | Path, dtype: torch.dtype | None = None):
-    """The fine-tuned ``EnergyModel`` stored in a checkpoint, built by ``load_model(model_spec, dtype)`` (default:
-    its training dtype; classical models keep their float64 parameters whatever ``dtype`` says)."""
-    data = read_checkpoint(path)
-    stored = _DTYPES.get(str(data.get("dtype", "float32")), torch.float32)
-    model = build_base_model(str(data["model_spec"]), dtype or stored)
-    state = data["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit model {data['model_spec']!r}: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    model.checkpoint_path = str(path)
-    model.train_species = [str(s) for s in data.get("train_species") or []]
-    return model
-
-
-def unseen_species(model, structures) -> str | None:
-    """One line of warning when ``structures`` hold elements that the fine-tuning data of ``model`` (a loaded
-    checkpoint) did not, else None. Fine-tuning corrects errors of the elements it saw and moves the others
-    only through shared weights, in whatever direction the seen elements needed: on the shipped Si defects
-    that helped Ga (its error has the sign of B's and Al's) and hurt As (opposite sign) (docs/results.md)."""
-    trained = getattr(model, "train_species", None)
-    if not trained:
-        return None
-    present = sorted({s for atoms in structures for s in atoms.get_chemical_symbols()})
-    missing = [s for s in present if s not in trained]
-    if not missing:
-        return None
-    return (f"warning: {', '.join(missing)} not in the fine-tuning data of {model.checkpoint_path} (trained on "
-            f"{', '.join(trained)}): for structures with {'it' if len(missing) == 1 else 'them'} the fine-tuned "
-            f"model can be better or worse than the base model")
-
-
 def load_checkpoint_step_params(path: str | Path):
     """The trained relaxation parameters of a checkpoint, or None when the run did not learn them."""
     data = read_checkpoint(path)
     if data.get("step_params") is None:
         return None
-    from relaxtune.relax import StepParameters
-
     sp = StepParameters(**dict(data.get("step_params_kwargs") or {}))
     sp.load_state_dict(data["step_params"])
     return sp

@@ -40,6 +40,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from relaxtune.potentials.checkpoint import read_checkpoint
+from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import EpochStats, Trainer
 
 T = TypeVar("T")
@@ -363,9 +365,6 @@ def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | 
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """``relaxtune.train.finetune.finetune`` on all ranks of ``ctx`` (and on ``ctx.device``); returns the
     summary on every rank (rank 0 writes it)."""
-    from relaxtune.train import checkpoint as ckpt
-    from relaxtune.train.config import TrainConfig
-
     out = Path(out_dir)
     if resume:
         seen = all_gather_objects((out / "last.pt").exists(), ctx)
@@ -374,7 +373,7 @@ def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | 
             raise ValueError(f"--resume: {out / 'last.pt'} exists on rank 0's node but not on rank(s) "
                              f"{', '.join(map(str, missing))}: --out must be on a file system every node sees")
     if resume and (out / "last.pt").exists():  # the same rule as finetune(): the stored settings win
-        stored = TrainConfig.from_dict(ckpt.read_checkpoint(out / "last.pt")["config"])
+        stored = TrainConfig.from_dict(read_checkpoint(out / "last.pt")["config"])
         config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
     if model is None:
         from relaxtune.potentials import load_model

@@ -35,8 +35,9 @@ import torch
 import yaml
 
 from relaxtune.data.pairs import frame_stress
-from relaxtune.potentials import load_model
+from relaxtune.potentials import load_checkpoint_model, load_model
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.potentials.checkpoint import base_model_spec, read_checkpoint
 from relaxtune.retention import retention, retention_lines
 from relaxtune.state import Batch
 from relaxtune.train import checkpoint as ckpt
@@ -178,7 +179,7 @@ class Trainer:
         self._log = log
         self.main_process = True  # the process that writes the run's files and checks retention
         self.dtype = _dtype(config.dtype)
-        self.model_spec = ckpt.base_model_spec(config.model)
+        self.model_spec = base_model_spec(config.model)
         if model is None:
             model = load_model(config.model, dtype=self.dtype)
         self.model = model
@@ -594,7 +595,7 @@ class Trainer:
         ckpt.atomic_write_text(buf.getvalue(), self.out / "metrics.csv")
 
     def _restore(self, path: Path) -> None:
-        data = ckpt.read_checkpoint(path)
+        data = read_checkpoint(path)
         if "trainer" not in data:
             raise ValueError(f"{path}: has no trainer state (resume needs last.pt)")
         self.model.load_state_dict(data["state_dict"])
@@ -726,7 +727,7 @@ class Trainer:
     def check_retention(self) -> dict[str, Any]:
         """best.pt against the pretrained model on what neither trained on (``relaxtune.retention``): the crystals
         of the training elements and the validation structures' DFT frames; logged item by item."""
-        best = ckpt.load_checkpoint_model(self.out / "best.pt", dtype=self.dtype).to(self.device)
+        best = load_checkpoint_model(self.out / "best.pt", dtype=self.dtype).to(self.device)
         pretrained = load_model(self.config.model, dtype=self.dtype).to(self.device)
         frames = {"validation": [f for p in self.val for f in self._dft_frames(p)]}
         result = retention(best, pretrained, self.train_species, extra_frames=frames)
@@ -845,7 +846,7 @@ def finetune(config: TrainConfig, train: Sequence, val: Sequence, out_dir: str |
     """
     out = Path(out_dir)
     if resume and (out / "last.pt").exists():
-        stored = TrainConfig.from_dict(ckpt.read_checkpoint(out / "last.pt")["config"])
+        stored = TrainConfig.from_dict(read_checkpoint(out / "last.pt")["config"])
         config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
     trainer = Trainer(config, train, val, out, model=model, progress=progress, log=log)
     return trainer.run(resume=resume)
