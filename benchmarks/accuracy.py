@@ -100,7 +100,7 @@ def check_retention(folder: Path, val: list) -> dict:
     """The retention suite of a run whose summary predates it (best.pt against pretrained CHGNet)."""
     from relaxtune.potentials import load_model
     from relaxtune.retention import retention
-    from relaxtune.train.frames import dft_frames
+    from relaxtune.data.pairs import dft_frames
 
     best = load_model(str(folder / "best.pt"))
     return retention(best, load_model("chgnet"), best.train_species,

@@ -35,7 +35,7 @@ def worker(rank: int, world: int, port: int) -> None:
     from relaxtune.relax import RelaxConfig
     from relaxtune.relax.implicit import relax_for_training
     from relaxtune.state import Batch
-    from relaxtune.train import losses
+    from relaxtune import metrics
 
     pairs = make_sw_pairs(2 * world)[rank::world]
     cfg = RelaxConfig(optimizer="gd", fmax=1e-3, max_steps=60)
@@ -54,7 +54,7 @@ def worker(rank: int, world: int, port: int) -> None:
                 ef = energy_and_forces(self.m, b, self.m.prepare(b), create_graph=True)
                 return (ef.forces ** 2).mean()
             out = relax_for_training(self.m, b, cfg, grad_mode=mode, checkpoint_every=5)
-            return losses.dq(out.result.batch, ref).mean()
+            return metrics.dq(out.result.batch, ref).mean()
 
     for mode in ("full", "checkpoint", "implicit", "forces"):
         plain = StillingerWeber().double()

@@ -56,7 +56,7 @@ def run_cell(args) -> dict:
     from relaxtune.relax import RelaxConfig, relax
     from relaxtune.relax.implicit import ImplicitConfig, relax_for_training
     from relaxtune.state import Batch
-    from relaxtune.train.losses import dq
+    from relaxtune.metrics import dq
 
     frames = read(args.structure, ":")
     initial, final = frames[0], frames[-1]

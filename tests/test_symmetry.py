@@ -11,7 +11,7 @@ from relaxtune.evaluate import evaluate
 from relaxtune.potentials.classical import StillingerWeber
 from relaxtune.state import Batch
 from relaxtune.symmetry import symmetric_distance, symmetric_images, symmetry_operations
-from relaxtune.train import losses
+from relaxtune import metrics
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_an_equivalent_orientation_of_the_dft_structure_has_zero_symmetric_dq(va
     images = symmetric_images(final.get_positions(), final.cell.array, ops)
     reference = torch.tensor(final.get_positions(), dtype=torch.float64)
     batch = Batch.from_atoms([final], dtype=torch.float64)
-    plain = [float(losses.dq(batch.replace(positions=torch.tensor(im)), reference)[0]) for im in images]
+    plain = [float(metrics.dq(batch.replace(positions=torch.tensor(im)), reference)[0]) for im in images]
     rotated = int(np.argmax(plain))
     assert plain[rotated] > 0.5  # the distorted vacancy turned by a symmetry operation: far in plain Dq
     dq_sym, max_disp_sym = symmetric_distance(batch.replace(positions=torch.tensor(images[rotated])), 0, reference,
@@ -57,7 +57,7 @@ def test_symmetric_dq_never_exceeds_plain_dq_and_equals_it_without_symmetry(vaca
     ops = symmetry_operations(vacancy.initial, symprec=0.5)
     reference = torch.tensor(vacancy.final.get_positions(), dtype=torch.float64)
     batch = Batch.from_atoms([vacancy.initial], dtype=torch.float64)
-    plain = float(losses.dq(batch, reference)[0])
+    plain = float(metrics.dq(batch, reference)[0])
     assert symmetric_distance(batch, 0, reference, ops)[0] <= plain + 1e-12
     alone = symmetry_operations(vacancy.initial, symprec=0.05)
     assert symmetric_distance(batch, 0, reference, alone)[0] == pytest.approx(plain, rel=1e-12)

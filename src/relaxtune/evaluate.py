@@ -39,7 +39,7 @@ import torch
 from relaxtune.potentials.base import EnergyModel
 from relaxtune.state import Batch
 from relaxtune.symmetry import symmetric_distance, symmetry_operations
-from relaxtune.train import losses
+from relaxtune import metrics as distance
 
 #: max per-atom displacement (Å) below which the model found the DFT basin.
 BASIN_TOLERANCE = 0.1
@@ -201,9 +201,9 @@ def evaluate(
             final = in_reference_cell(final, torch.tensor(np.stack([p.final.cell.array for p in chunk]),
                                                           dtype=dtype, device=device))
         with torch.no_grad():
-            dq = losses.dq(final, reference)
-            rmsd = losses.rmsd(final, reference)
-            mx = losses.max_displacement(final, reference)
+            dq = distance.dq(final, reference)
+            rmsd = distance.rmsd(final, reference)
+            mx = distance.max_displacement(final, reference)
         blew = getattr(result, "blew_up", None)
         blew = torch.zeros(len(chunk), dtype=torch.bool) if blew is None else blew.detach().cpu()
         energy = result.energy.detach().cpu().double()

@@ -181,7 +181,7 @@ def relax_pairs(model, pairs: Sequence, *, fmax: float, optimizer: str, max_step
     from relaxtune.evaluate import model_dtype
     from relaxtune.relax import RelaxConfig, relax
     from relaxtune.state import Batch
-    from relaxtune.train import losses
+    from relaxtune import metrics as distance
 
     dtype = model_dtype(model)
     config = RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps)
@@ -195,11 +195,11 @@ def relax_pairs(model, pairs: Sequence, *, fmax: float, optimizer: str, max_step
         with torch.no_grad():
             res = relax(model, batch, config, grad_mode="none", record_trace=True)
             final = res.batch
-            disp = losses.minimum_image_displacement(final.positions, reference, final.cell, final.pbc,
+            disp = distance.minimum_image_displacement(final.positions, reference, final.cell, final.pbc,
                                                      final.system_idx).norm(dim=-1)
-            dq = losses.dq(final, reference)
-            rmsd = losses.rmsd(final, reference)
-            mx = losses.max_displacement(final, reference)
+            dq = distance.dq(final, reference)
+            rmsd = distance.rmsd(final, reference)
+            mx = distance.max_displacement(final, reference)
         trace = res.energy_trace.detach().double().cpu().numpy() if res.energy_trace is not None else None
         for k, pair in enumerate(chunk):
             sel = (final.system_idx == k).cpu().numpy()

@@ -27,12 +27,11 @@ from ase import Atoms
 from ase.eos import EquationOfState
 from ase.units import GPa
 
-from relaxtune.data.pairs import frame_stress
+from relaxtune.data.pairs import dft_frames, frame_stress
 from relaxtune.data.bulk import bulk_prototypes, crystals_of
 from relaxtune.evaluate import evaluate, model_dtype
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.state import Batch
-from relaxtune.train.frames import dft_frames, sample_frames
 
 #: isotropic linear strains of an equation of state (±2%: ±6% in volume, inside Birch-Murnaghan's range)
 EOS_STRAINS = tuple(np.linspace(-0.02, 0.02, 7))
@@ -187,10 +186,10 @@ def frame_items(finetuned: EnergyModel, pretrained: EnergyModel, frames: dict[st
 
 
 def crystal_frames(pair, k: int = CRYSTAL_FRAMES) -> list[Atoms]:
-    """``k`` DFT frames of a crystal's relaxation spread along its path (the relaxed one and one per stratum of
-    the rest, a fixed draw): the frames of 50 crystals cost more than the rest of the suite."""
+    """``k`` DFT frames of a crystal's relaxation spread evenly along its path, the first and the relaxed one
+    included: the frames of 50 crystals cost more than the rest of the suite."""
     frames = dft_frames(pair)
-    return [frames[i] for i, _ in sample_frames(len(frames), k, np.random.default_rng(0))]
+    return [frames[i] for i in np.unique(np.linspace(0, len(frames) - 1, k).round().astype(int))]
 
 
 def retention(finetuned: EnergyModel, pretrained: EnergyModel, species: Sequence[str], *,

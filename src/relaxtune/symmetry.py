@@ -19,7 +19,7 @@ import torch
 from ase import Atoms
 
 from relaxtune.state import Batch
-from relaxtune.train import losses
+from relaxtune import metrics
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def symmetric_distance(final: Batch, system: int, reference: torch.Tensor,
     copies = copies.replace(positions=torch.as_tensor(images.reshape(-1, 3), dtype=final.dtype, device=final.device))
     references = reference.repeat(len(ops), 1)
     with torch.no_grad():
-        dq = losses.dq(copies, references)
-        max_disp = losses.max_displacement(copies, references)
+        dq = metrics.dq(copies, references)
+        max_disp = metrics.max_displacement(copies, references)
     best = int(torch.argmin(dq))
     return float(dq[best]), float(max_disp[best])

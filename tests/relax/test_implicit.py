@@ -15,7 +15,7 @@ from relaxtune.relax.implicit import (
     implicit_positions,
 )
 from relaxtune.state import Batch
-from relaxtune.train.losses import dq
+from relaxtune.metrics import dq
 
 TIGHT = ImplicitConfig(cg_tol=1e-12, cg_max_iter=500, damping=0.0)
 

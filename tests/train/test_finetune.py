@@ -299,7 +299,7 @@ def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(t
     frames, so the loss is Dq alone rather than an error."""
     from swdata import make_sw_pairs
 
-    from relaxtune.train.frames import dft_frames
+    from relaxtune.data.pairs import dft_frames
 
     pairs = make_sw_pairs(2, with_trajectory=False)
     assert not any(dft_frames(p) for p in pairs)  # bare structures: no DFT frame to fit

@@ -136,7 +136,7 @@ def retention_command(model: str, data: Optional[str], split: Optional[str], jso
     from relaxtune.retention import retention, retention_lines
     from relaxtune.potentials.checkpoint import base_model_spec
     from relaxtune.train.checkpoint import atomic_write_text
-    from relaxtune.train.frames import dft_frames
+    from relaxtune.data.pairs import dft_frames
 
     base = base_model_spec(model)
     if base == model:

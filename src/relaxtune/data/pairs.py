@@ -115,6 +115,21 @@ def frame_stress(atoms: Atoms) -> np.ndarray | None:
     return np.asarray(stress, dtype=float)
 
 
+def dft_frames(pair) -> list:
+    """DFT frames with energy and forces (the trajectory, else initial and final if they carry them); the last
+    one is the relaxed frame."""
+    frames = list(pair.trajectory) if pair.trajectory else [pair.initial, pair.final]
+    out = []
+    for a in frames:
+        try:
+            e, f = a.get_potential_energy(), a.get_forces()
+        except Exception:
+            continue
+        if e is not None and f is not None and np.all(np.isfinite(f)) and np.isfinite(e):
+            out.append(a)
+    return out
+
+
 def _plain_info(atoms: Atoms) -> dict[str, Any]:
     """JSON-friendly copy of a frame's header (numpy scalars made Python scalars, arrays dropped)."""
     out: dict[str, Any] = {}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from relaxtune.data.pairs import frame_stress
+from relaxtune.data.pairs import dft_frames, frame_stress
 from relaxtune.potentials import load_checkpoint_model, load_model
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.potentials.checkpoint import base_model_spec, read_checkpoint
@@ -44,7 +44,7 @@ from relaxtune.train import checkpoint as ckpt
 from relaxtune.train import losses
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set
-from relaxtune.train.frames import dft_frames, frame_rng, sample_frames
+from relaxtune.train.frames import frame_rng, sample_frames
 
 #: CHGNet's module names (children of ``chgnet.model.CHGNet``; our adapter holds it as ``model``).
 CHGNET_READOUT = ("mlp", "readout_norm")

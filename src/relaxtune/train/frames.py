@@ -1,4 +1,4 @@
-"""The DFT frames of a relaxation pair, and the few of them one optimizer step fits.
+"""The few DFT frames of a relaxation pair (``relaxtune.data.pairs.dft_frames``) one optimizer step fits.
 
 Fitting every frame of every structure at every step (a double backward each) dominates the cost of the
 ``structure+forces`` objective. ``sample_frames`` picks the relaxed frame plus one frame per equal stratum of the
@@ -9,21 +9,6 @@ same objective in expectation, a noisier gradient, a fraction of the cost.
 from __future__ import annotations
 
 import numpy as np
-
-
-def dft_frames(pair) -> list:
-    """DFT frames with energy and forces (the trajectory, else initial and final if they carry them); the last
-    one is the relaxed frame."""
-    frames = list(pair.trajectory) if pair.trajectory else [pair.initial, pair.final]
-    out = []
-    for a in frames:
-        try:
-            e, f = a.get_potential_energy(), a.get_forces()
-        except Exception:
-            continue
-        if e is not None and f is not None and np.all(np.isfinite(f)) and np.isfinite(e):
-            out.append(a)
-    return out
 
 
 def sample_frames(n_frames: int, k: int, rng: np.random.Generator) -> list[tuple[int, float]]:
