@@ -446,3 +446,21 @@ def test_start_relaxed_trains_on_cell_relaxed_pairs_with_their_stress(tmp_path):
     assert s["val_before"]["dq_mean"] > 1e-3  # the vacancy's neighbours sit where the potential puts them
     assert s["val_after"]["dq_mean"] < 0.7 * s["val_before"]["dq_mean"]
     assert s["train_loss_last_epoch"] < s["train_loss_first_epoch"]
+
+
+def test_data_without_dft_frames_is_said_and_recorded_not_silently_dq_only(tmp_path):
+    from swdata import make_sw_pairs
+
+    from relaxtune.data.pairs import dft_frames
+
+    bare = make_sw_pairs(2, with_trajectory=False)
+    for pair in bare:
+        pair.initial.calc = None
+        pair.final.calc = None
+    assert all(dft_frames(p) == [] for p in bare)
+    said = []
+    trainer = Trainer(TrainConfig(**{**SW, "objective": "structure+forces"}), bare, [], tmp_path, log=said.append)
+    assert trainer.objective_used == "structure" and any("trains on Dq alone" in m for m in said)
+    assert trainer.summary()["objective_used"] == "structure"
+    with pytest.raises(ValueError, match="no training structure carries DFT energies"):
+        Trainer(TrainConfig(**{**SW, "objective": "forces"}), bare, [], tmp_path / "f", log=said.append)

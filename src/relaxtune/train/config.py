@@ -107,7 +107,7 @@ class TrainConfig:
     frames_per_structure: int = 4  # structure+forces: DFT frames fitted per structure and step (0 = all)
     forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
     # keeping what pretraining knew
-    distill_weight: float = 100.0  # weight of the self-distillation term (0 = off), like forces_mix
+    distill_weight: float = 10.0  # weight of the self-distillation term (0 = off)
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)

@@ -230,6 +230,23 @@ class Trainer:
         self._frames_cache: dict[int, list] = {}
         self._fresh: set[int] = set()  # training indices whose warm starts changed in this step (shared by ranks)
         self._epoch_now = 0  # the epoch being trained (frame draws)
+        self.objective_used = self._objective_used()
+
+    def _objective_used(self) -> str:
+        """The objective the data allow: a frame objective on data without DFT energies and forces trains on
+        what is left (said in the log and summary.json, never silently)."""
+        c = self.config
+        with_frames = sum(1 for p in self.train if len(self._dft_frames(p)) > 0)
+        if c.objective == "structure+forces" and with_frames == 0:
+            self.log("note: no training structure carries DFT energies and forces: structure+forces trains on Dq "
+                     "alone (objective used: structure)")
+            return "structure"
+        if c.objective == "forces" and with_frames == 0:
+            raise ValueError("objective forces: no training structure carries DFT energies and forces")
+        if with_frames < len(self.train) and c.objective != "structure":
+            self.log(f"note: {len(self.train) - with_frames} of {len(self.train)} training structures carry no DFT "
+                     "energies and forces: their frame term is 0")
+        return c.objective
 
     def _model_groups(self) -> list[dict[str, Any]]:
         """AdamW groups of the model: one, or with ``embedding_lr`` the per-element embeddings apart, so that an
@@ -790,6 +807,7 @@ class Trainer:
             "train_names": [p.name for p in self.train],
             "val_names": [p.name for p in self.val],
             "parameters": self.counts,
+            "objective_used": self.objective_used,
             "epochs_run": self.epoch,
             "stopped_early": self.stopped_early,
             "best_epoch": best_epoch,
