@@ -115,7 +115,7 @@ def _assert_same_run(one, two):
         for key in ("train_n", "skipped_structures", "skipped_batches", "is_best"):
             assert x[key] == y[key], key
         for key in ("train_loss", "train_steps_mean", "train_converged_rate", "val_dq_mean", "val_rmsd_mean",
-                    "val_steps_mean", "step_size", "lr"):
+                    "val_steps_mean", "step_size", "lr", "grad_norm_model", "grad_norm_relax", "distill_loss"):
             if x[key] == "":
                 assert y[key] == "", key
             else:

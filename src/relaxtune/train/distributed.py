@@ -316,7 +316,7 @@ class DistributedTrainer(Trainer):
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
         if not self.ctx.active:
             return super()._step(pairs, stats)
-        c, ctx = self.config, self.ctx
+        ctx = self.ctx
         params = self.model_params + self.relax_params
         fn = self._loss_fn()
         mine = shard(pairs, ctx)
@@ -350,14 +350,7 @@ class DistributedTrainer(Trainer):
         for p in params:
             if p.grad is not None:
                 p.grad = p.grad / tot[2]
-        self._keep_pretrained(stats)
-        if c.grad_clip > 0:
-            for group in self.optimizer.param_groups:
-                torch.nn.utils.clip_grad_norm_(group["params"], c.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        stats.loss_sum += self._global_loss(tot)
-        stats.n += int(tot[1])
+        self._update(stats, self._global_loss(tot), int(tot[1]))
 
 
 def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | Path, ctx: DistContext, *,

@@ -496,7 +496,6 @@ class Trainer:
             p.grad = g if p.grad is None else p.grad + g
 
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
-        c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         fn = self._loss_fn()
         try:
@@ -523,6 +522,11 @@ class Trainer:
             stats.skipped_batches += 1
             self.scheduler.step()  # keep the schedule aligned with the planned number of steps
             return
+        self._update(stats, loss_sum, n_ok)
+
+    def _update(self, stats: EpochStats, loss_sum: float, n_ok: int) -> None:
+        """The end of every optimizer step, one process or many (the data gradient complete on every rank): the
+        terms that keep the pretrained model, gradient norms per group (metrics.csv), clipping, AdamW."""
         self._keep_pretrained(stats)
         for p in self.model_params + self.relax_params:  # unreached this step: a zero gradient, as on many ranks
             if p.grad is None:
@@ -531,8 +535,8 @@ class Trainer:
             grads = [p.grad.detach().double().reshape(-1) for p in group["params"] if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
             stats.grad_norms.setdefault(group.get("name", "model"), []).append(norm)
-            if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(group["params"], c.grad_clip)
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(group["params"], self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         stats.loss_sum += loss_sum
