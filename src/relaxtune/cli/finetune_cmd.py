@@ -245,8 +245,9 @@ def finetune_command(
 ) -> None:
     """Fine-tune a model by backpropagating through relaxations.
 
-    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 20 epochs) takes about 12 minutes on a
-    2-core CPU; each epoch's log line gives the elapsed time, structures/s and the time left.
+    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 20 epochs) takes about 11 minutes on a
+    2-core CPU, the retention check included; each epoch's log line gives the elapsed time, structures/s and the
+    time left.
     """
     import json
 
