@@ -749,7 +749,7 @@ class Trainer:
         """best.pt against the pretrained model on what neither trained on (``relaxtune.retention``): the crystals
         of the training elements and the validation structures' DFT frames; logged item by item."""
         self.log(f"checking retention: best.pt against {self.config.model} on the bulk crystals of "
-                 f"{', '.join(self.train_species)} (about 2 min for CHGNet on 2 cores; --no-retention skips it)")
+                 f"{', '.join(self.train_species)} (about a minute for CHGNet on 2 cores; --no-retention skips it)")
         best = load_checkpoint_model(self.out / "best.pt", dtype=self.dtype).to(self.device)
         pretrained = load_model(self.config.model, dtype=self.dtype).to(self.device)
         frames = {"validation": [f for p in self.val for f in self._dft_frames(p)]}
