@@ -27,11 +27,10 @@ from ase import Atoms
 from ase.eos import EquationOfState
 from ase.units import GPa
 
-from relaxtune.data.pairs import dft_frames, frame_stress
 from relaxtune.data.bulk import bulk_prototypes, crystals_of
+from relaxtune.data.pairs import dft_frames, frame_stress
 from relaxtune.evaluate import evaluate, model_dtype
-from relaxtune.potentials.base import EnergyModel, energy_and_forces
-from relaxtune.state import Batch
+from relaxtune.potentials.base import EnergyModel, single_points
 
 #: isotropic linear strains of an equation of state (±2%: ±6% in volume, inside Birch-Murnaghan's range)
 EOS_STRAINS = tuple(np.linspace(-0.02, 0.02, 7))
@@ -52,22 +51,6 @@ class Tolerances:
     stress: float = 0.05
 
 
-def _energies(model: EnergyModel, structures: Sequence[Atoms], chunk: int = 16, stress: bool = False):
-    """(energies, forces per structure, stresses or None) of ``structures`` without a graph."""
-    dtype = model_dtype(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    energies, forces, stresses = [], [], []
-    for i in range(0, len(structures), chunk):
-        batch = Batch.from_atoms(list(structures[i:i + chunk]), dtype=dtype, device=device)
-        ef = energy_and_forces(model, batch, model.prepare(batch), compute_stress=stress)
-        energies.extend(ef.energy.double().cpu().tolist())
-        f = ef.forces.double().cpu().numpy()
-        forces.extend(f[sl] for sl in batch.system_slices())
-        if stress:
-            stresses.extend(ef.stress.double().cpu().numpy())
-    return np.array(energies), forces, (stresses if stress else None)
-
-
 def equation_of_state(model: EnergyModel, atoms: Atoms, strains: Sequence[float] = EOS_STRAINS) -> dict[str, float]:
     """Birch-Murnaghan fit of ``model``'s energy over isotropic strains of ``atoms`` (fractional positions
     kept): volume per atom V0 (Å^3), lattice scale a0 = (V0 / V_atoms)^(1/3) relative to ``atoms``' cell, bulk
@@ -78,7 +61,7 @@ def equation_of_state(model: EnergyModel, atoms: Atoms, strains: Sequence[float]
         a.calc = None
         a.set_cell(atoms.cell.array * (1.0 + s), scale_atoms=True)
         scaled.append(a)
-    energies, _, _ = _energies(model, scaled)
+    energies, _, _ = single_points(model, scaled, model_dtype(model))
     volumes = [a.get_volume() for a in scaled]
     v0, _, b = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
     n = len(atoms)
@@ -92,7 +75,8 @@ def frame_errors(model: EnergyModel, frames: Sequence[Atoms]) -> dict[str, float
     if not frames:
         return {"n_frames": 0, "force_rmse": None, "stress_rmse_gpa": None}
     with_stress = [frame_stress(a) for a in frames]
-    _, forces, stresses = _energies(model, frames, stress=any(s is not None for s in with_stress))
+    _, forces, stresses = single_points(model, frames, model_dtype(model),
+                                        stress=any(s is not None for s in with_stress))
     f_err = np.concatenate([(f - a.get_forces()).ravel() for f, a in zip(forces, frames)])
     s_err = [((s - ref) / GPa).ravel() for s, ref in zip(stresses or [], with_stress) if ref is not None]
     return {"n_frames": len(frames), "force_rmse": float(np.sqrt(np.mean(f_err ** 2))),

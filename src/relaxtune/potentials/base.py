@@ -9,8 +9,9 @@ positions and cell together, so every model gets a differentiable stress for cel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from relaxtune.state import Batch
@@ -53,6 +54,22 @@ class EnergyForces:
     energy: torch.Tensor  # (n_systems,) eV
     forces: torch.Tensor  # (n_atoms, 3) eV/Å
     stress: torch.Tensor | None = None  # (n_systems, 3, 3) eV/Å^3, ASE sign convention (positive = tensile)
+
+
+def single_points(model: "EnergyModel", structures: Sequence, dtype: torch.dtype, stress: bool = False,
+                  chunk: int = 16) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]:
+    """Energies, forces per structure (and stresses) of ASE ``structures`` without a graph, ``chunk`` per call."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    energies, forces, stresses = [], [], []
+    for i in range(0, len(structures), chunk):
+        batch = Batch.from_atoms(list(structures[i:i + chunk]), dtype=dtype, device=device)
+        ef = energy_and_forces(model, batch, model.prepare(batch), compute_stress=stress)
+        energies.extend(ef.energy.double().cpu().tolist())
+        f = ef.forces.double().cpu().numpy()
+        forces.extend(f[sl] for sl in batch.system_slices())
+        if stress:
+            stresses.extend(ef.stress.double().cpu().numpy())
+    return np.array(energies), forces, (stresses if stress else None)
 
 
 def energy_and_forces(

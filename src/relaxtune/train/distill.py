@@ -19,9 +19,10 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from relaxtune.data.bulk import bulk_prototypes
-from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.potentials.base import EnergyModel, energy_and_forces, single_points
 from relaxtune.state import Batch
 from relaxtune.train import losses
+
 
 def perturbed_copies(prototypes: Sequence[Atoms], n_per_prototype: int, seed: int, max_volume_strain: float = 0.03,
                      max_shear: float = 0.01, rattle: float = 0.03) -> list[Atoms]:
@@ -42,19 +43,14 @@ def perturbed_copies(prototypes: Sequence[Atoms], n_per_prototype: int, seed: in
     return out
 
 
-def label(model: EnergyModel, structures: Sequence[Atoms], dtype: torch.dtype, chunk: int = 16) -> list[Atoms]:
-    """``structures`` with ``model``'s energy, forces and stress attached (a SinglePointCalculator each)."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+def label(model: EnergyModel, structures: Sequence[Atoms], dtype: torch.dtype) -> list[Atoms]:
+    """Copies of ``structures`` with ``model``'s energy, forces and stress attached (a SinglePointCalculator each)."""
+    energies, forces, stresses = single_points(model, structures, dtype, stress=True)
     out = []
-    for i in range(0, len(structures), chunk):
-        part = [a.copy() for a in structures[i:i + chunk]]
-        batch = Batch.from_atoms(part, dtype=dtype, device=device)
-        ef = energy_and_forces(model, batch, model.prepare(batch), compute_stress=True)
-        forces = ef.forces.double().cpu().numpy()
-        for k, (atoms, sl) in enumerate(zip(part, batch.system_slices())):
-            stress = ef.stress[k].double().cpu().numpy()
-            atoms.calc = SinglePointCalculator(atoms, energy=float(ef.energy[k]), forces=forces[sl], stress=stress)
-            out.append(atoms)
+    for atoms, e, f, s in zip(structures, energies, forces, stresses):
+        atoms = atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=float(e), forces=f, stress=s)
+        out.append(atoms)
     return out
 
 
