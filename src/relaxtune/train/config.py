@@ -15,7 +15,7 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
-                        "retention_check": False}
+                        "retention_check": False, "distill_project": False}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -55,6 +55,8 @@ class TrainConfig:
     Keeping what pretraining knew (``relaxtune.train.distill``): every step also fits ``distill_per_step`` of
     the ``distill_per_prototype`` strained, rattled copies of each bulk crystal of the training elements to the
     pretrained model's energy, forces and stress, at ``distill_weight`` (0 = off; stress at ``stress_weight``);
+    with ``distill_project`` the data gradient first loses its component against the distillation gradient
+    (gradient surgery, PCGrad), so a step on the defects does not undo the bulk to first order;
     ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights. ``retention_check`` measures best.pt
     against the pretrained model after training (``relaxtune.retention``) into summary.json and the log.
 
@@ -110,6 +112,7 @@ class TrainConfig:
     distill_weight: float = 10.0  # weight of the self-distillation term (0 = off)
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
+    distill_project: bool = False  # remove from the data gradient its component against the distillation's
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
     retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
     # validation / stopping

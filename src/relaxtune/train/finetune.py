@@ -486,6 +486,8 @@ class Trainer:
             picks = distillation_draw(len(self.distill), c.distill_per_step, c.seed, self.scheduler.last_epoch)
             loss = distillation_loss(self.model, [self.distill[i] for i in picks], c.stress_weight, self.dtype)
             grads = torch.autograd.grad(c.distill_weight * loss, self.model_params, allow_unused=True)
+            if c.distill_project:
+                self._drop_conflict(grads)
             for p, g in zip(self.model_params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
@@ -494,6 +496,19 @@ class Trainer:
         for p, p0 in zip(self.model_params, self.anchor):
             g = 2.0 * c.anchor_weight * (p.detach() - p0)
             p.grad = g if p.grad is None else p.grad + g
+
+    def _drop_conflict(self, keep: Sequence[torch.Tensor | None]) -> None:
+        """Gradient surgery (PCGrad): where the data gradient points against ``keep`` (the distillation
+        gradient), remove that component from it, so that the data step leaves the kept loss unchanged to first
+        order. Every rank holds the same gradients here, so every rank makes the same change."""
+        pairs = [(p, g) for p, g in zip(self.model_params, keep) if g is not None and p.grad is not None]
+        if not pairs:
+            return
+        dot = sum(float((p.grad.double() * g.double()).sum()) for p, g in pairs)
+        norm2 = sum(float((g.double() ** 2).sum()) for _, g in pairs)
+        if dot < 0 and norm2 > 0:
+            for p, g in pairs:
+                p.grad = p.grad - (dot / norm2) * g
 
     def _step(self, pairs: Sequence, stats: EpochStats) -> None:
         self.optimizer.zero_grad(set_to_none=True)
