@@ -80,3 +80,32 @@ def test_distillation_and_the_anchor_keep_the_pretrained_lattice_constant(sw_pai
         assert (rows[-1]["distill_loss"] != "") == (label == "distill")
     assert lattice["plain"] > 1e-3
     assert lattice["distill"] < 0.3 * lattice["plain"] and lattice["anchor"] < 0.3 * lattice["plain"]
+
+
+def test_gradient_surgery_removes_only_the_conflicting_component(sw_pairs, tmp_path):
+    from relaxtune.train.config import TrainConfig
+    from relaxtune.train.finetune import Trainer
+
+    trainer = Trainer(TrainConfig(model="sw", dtype="float64", distill_project=True, epochs=1), sw_pairs[:2], [],
+                      tmp_path)
+    params = trainer.model_params
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    keep = [-d + 0.1 * torch.randn(d.shape, generator=gen, dtype=d.dtype) for d in data]  # points against data
+
+    def dot(a, b):
+        return sum(float((x * y).sum()) for x, y in zip(a, b))
+
+    for p, d in zip(params, data):
+        p.grad = d.clone()
+    trainer._drop_conflict(keep)
+    after = [p.grad for p in params]
+    assert dot(data, keep) < 0 and abs(dot(after, keep)) < 1e-9 * dot(keep, keep)
+    # what is left is the data gradient minus its projection on keep: orthogonal part unchanged
+    removed = [d - a for d, a in zip(data, after)]
+    scale = dot(removed, keep) / dot(keep, keep)
+    assert all(torch.allclose(r, scale * k) for r, k in zip(removed, keep))
+    for p, d in zip(params, data):  # a gradient that agrees with keep is left alone
+        p.grad = d.clone()
+    trainer._drop_conflict([-k for k in keep])
+    assert all(torch.equal(p.grad, d) for p, d in zip(params, data))

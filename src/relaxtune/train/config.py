@@ -15,7 +15,8 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
-                        "retention_check": False, "distill_project": False}
+                        "retention_check": False, "distill_project": False,
+                        "low_rank": 0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -50,7 +51,8 @@ class TrainConfig:
     Optimisation: AdamW (``lr``, ``weight_decay``; ``embedding_lr`` for the per-element embeddings), linear
     warmup over ``warmup_frac`` of the steps then cosine decay to ``lr * min_lr_ratio`` (or constant),
     gradient-norm clipping at ``grad_clip`` (0 = off), ``train_params`` = all | readout | freeze-embeddings |
-    comma-separated name fragments.
+    comma-separated name fragments; ``low_rank`` r > 0 trains instead a rank-r update of each of those linear
+    layers with the base weights fixed (``relaxtune.train.lowrank``).
 
     Keeping what pretraining knew (``relaxtune.train.distill``): every step also fits ``distill_per_step`` of
     the ``distill_per_prototype`` strained, rattled copies of each bulk crystal of the training elements to the
@@ -113,6 +115,7 @@ class TrainConfig:
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
     distill_project: bool = False  # remove from the data gradient its component against the distillation's
+    low_rank: int = 0  # > 0: train a rank-r update B·A of each trainable linear layer, base weights fixed
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
     retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
     # validation / stopping
@@ -170,7 +173,7 @@ class TrainConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
-        for name in ("distill_weight", "anchor_weight", "distill_per_prototype"):
+        for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",

@@ -45,6 +45,7 @@ from relaxtune.train import losses
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set
 from relaxtune.train.frames import frame_rng, sample_frames
+from relaxtune.train.lowrank import add_low_rank, factor_state, has_low_rank, load_factor_state, merged_state_dict
 
 #: CHGNet's module names (children of ``chgnet.model.CHGNet``; our adapter holds it as ``model``).
 CHGNET_READOUT = ("mlp", "readout_norm")
@@ -186,6 +187,8 @@ class Trainer:
         self.device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.model.eval()  # no dropout / batch statistics: training differentiates the inference model
         self.counts = select_trainable(self.model, config.train_params)
+        if config.low_rank:
+            self.counts = add_low_rank(self.model, config.low_rank, seed=config.seed)
         self.step_params = None
         if config.learn_step:
             from relaxtune.relax import StepParameters
@@ -595,7 +598,7 @@ class Trainer:
             "model_spec": self.model_spec,
             "model_name": getattr(self.model, "name", "model"),
             "dtype": self.config.dtype,
-            "state_dict": self.model.state_dict(),
+            "state_dict": merged_state_dict(self.model),
             "step_params": self.step_params.state_dict() if self.step_params is not None else None,
             "step_params_kwargs": self.step_params_kwargs,
             "config": self.config.to_dict(),
@@ -608,6 +611,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(),
+                "low_rank": factor_state(self.model),
                 "history": json.dumps(_jsonable(self.history)),
                 "best": json.dumps(_jsonable(self.best)),
                 "bad_epochs": self.bad_epochs,
@@ -634,7 +638,10 @@ class Trainer:
         data = read_checkpoint(path)
         if "trainer" not in data:
             raise ValueError(f"{path}: has no trainer state (resume needs last.pt)")
-        self.model.load_state_dict(data["state_dict"])
+        if has_low_rank(self.model):  # the base weights are pretrained and fixed: only the factors were trained
+            load_factor_state(self.model, data["trainer"].get("low_rank") or {})
+        else:
+            self.model.load_state_dict(data["state_dict"])
         if self.step_params is not None and data.get("step_params") is not None:
             self.step_params.load_state_dict(data["step_params"])
         tr = data["trainer"]
