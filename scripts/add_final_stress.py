@@ -21,7 +21,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 from ase.units import GPa
 
-from relaxtune.data.generate import GenerateSettings, make_calculator
+from relaxtune.dft import GenerateSettings, make_calculator
 
 ENERGY_TOLERANCE = 1e-3  # eV: the new SCF must reproduce the stored energy of the relaxed frame
 

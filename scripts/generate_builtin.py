@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from relaxtune.data.builders import build_crystals, build_si_defects
-from relaxtune.data.generate import GenerateSettings, cell_relax_min_ecut, generate
+from relaxtune.dft import GenerateSettings, cell_relax_min_ecut, generate
 
 BUILTIN = Path(__file__).resolve().parents[1] / "src" / "relaxtune" / "data" / "builtin"
 

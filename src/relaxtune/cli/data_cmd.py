@@ -30,7 +30,7 @@ def _user_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from relaxtune.data.generate import GenerateError
+        from relaxtune.dft import GenerateError
         from relaxtune.data.pairs import DataError
 
         try:
@@ -62,7 +62,7 @@ def generate_cmd(
     """Relax every structure with an ASE calculator and write its trajectory (resumable, --jobs workers)."""
     from tqdm import tqdm
 
-    from relaxtune.data.generate import GenerateSettings, generate, pending, preflight, read_structures
+    from relaxtune.dft import GenerateSettings, generate, pending, preflight, read_structures
 
     if not structures.exists():
         raise UserInputError(f"{structures}: file not found")

@@ -1,10 +1,11 @@
-"""Relaxation-pair datasets: readers and validation, splits by group, shipped datasets, DFT generation.
+"""Relaxation-pair datasets: readers and validation, splits by group, shipped datasets.
 
 ``load_pairs(spec)`` accepts a file, a directory, ``INITIAL:FINAL``, ``DIR:SPLIT``, ``builtin:NAME`` or
 ``builtin:NAME:SPLIT``; ``split_pairs(pairs, split)`` sorts pairs into train / val / test by group.
 """
 
-from relaxtune.data.pairs import DataError, DataWarning, RelaxationPair, load_pairs, minimum_image_displacement
+from relaxtune.data.load import load_pairs
+from relaxtune.data.pairs import DataError, DataWarning, RelaxationPair, minimum_image_displacement
 from relaxtune.data.splits import load_splits, random_group_split, split_pairs, write_splits
 
 __all__ = [

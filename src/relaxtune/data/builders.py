@@ -10,7 +10,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk
 
-SI_A_PBE = 5.469  # Å, PBE lattice constant of Si (the reference level in DESIGN.md)
+SI_A_PBE = 5.469  # Å, lattice constant of Si at the shipped datasets' PBE level (registry.REFERENCE_LEVEL)
 
 #: every Si defect type, in the order they are generated.
 SI_DEFECT_TYPES = (

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from relaxtune.data.pairs import DataWarning, RelaxationPair, frame_stress, load_pairs, read_splits_file
+from relaxtune.data.load import load_pairs
+from relaxtune.data.pairs import DataWarning, RelaxationPair, frame_stress, read_splits_file
 from relaxtune.data.registry import DATASETS, REFERENCE_LEVEL, BuiltinDataset, parse_builtin
 from relaxtune.data.splits import SPLIT_NAMES, split_pairs
 

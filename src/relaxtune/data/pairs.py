@@ -6,7 +6,8 @@ several, split at each new name), VASP ``vasprun.xml`` / ``OUTCAR``, Quantum ESP
 ``.pwo``/``.out``), a directory of such files (or of VASP/QE run folders), and two files of initial and
 final structures (``initial.extxyz:final.extxyz``, paired frame by frame). Every pair is validated (atom
 count, species and order, cell, periodicity, finite numbers); a problem raises :class:`DataError`, one line
-naming the file, the structure index and the field.
+naming the file, the structure index and the field. Resolving a dataset spec (``builtin:NAME`` included)
+to pairs is :func:`relaxtune.data.load.load_pairs`.
 """
 
 from __future__ import annotations
@@ -440,48 +441,4 @@ def read_directory(directory: Path | str, relax_cell: bool | None = None,
     pairs = [p for f in files for p in read_trajectory_pairs(f, relax_cell, max_displacement)]
     if (directory / "splits.json").exists():
         _assign_splits(pairs, read_splits_file(directory / "splits.json"))
-    return pairs
-
-
-def _check_unique(pairs: list[RelaxationPair]) -> None:
-    seen: dict[str, str] = {}
-    for p in pairs:
-        if p.name in seen:
-            raise DataError(f"{p.source}: name: structure name {p.name!r} also used in {seen[p.name]} "
-                            "(names must be unique)")
-        seen[p.name] = p.source
-
-
-def load_pairs(spec: str | Path, relax_cell: bool | None = None,
-               max_displacement: float | None = MAX_PLAUSIBLE_DISPLACEMENT) -> list[RelaxationPair]:
-    """Relaxation pairs from a file, a directory, ``INITIAL:FINAL``, ``builtin:NAME`` or ``builtin:NAME:SPLIT``.
-
-    ``DIR:SPLIT`` selects one split of a directory that has a ``splits.json``. ``relax_cell`` None detects
-    cell relaxation from the files; True/False overrides it.
-    """
-    spec_str = str(spec)
-    if spec_str.startswith("builtin:"):
-        from relaxtune.data.registry import load_builtin
-
-        return load_builtin(spec_str[len("builtin:"):])
-    path = Path(spec_str).expanduser()
-    if path.is_dir():
-        pairs = read_directory(path, relax_cell, max_displacement)
-    elif path.is_file():
-        pairs = read_trajectory_pairs(path, relax_cell, max_displacement)
-    elif ":" in spec_str:
-        left, right = spec_str.rsplit(":", 1)
-        lpath, rpath = Path(left).expanduser(), Path(right).expanduser()
-        if lpath.is_dir() and (lpath / "splits.json").exists():
-            splits = read_splits_file(lpath / "splits.json")
-            if right not in splits:
-                raise DataError(f"{lpath / 'splits.json'}: splits: no split {right!r} (have: {', '.join(splits)})")
-            return [p for p in read_directory(lpath, relax_cell, max_displacement) if p.split == right]
-        for part in (lpath, rpath):
-            if not part.is_file():
-                raise DataError(f"{part}: file: not found (INITIAL:FINAL needs two existing files)")
-        pairs = read_initial_final(lpath, rpath, relax_cell, max_displacement)
-    else:
-        raise DataError(f"{spec_str}: file: not found (expected a file, a directory, INITIAL:FINAL or builtin:NAME)")
-    _check_unique(pairs)
     return pairs

@@ -1,9 +1,8 @@
-"""Shipped datasets: ``builtin:NAME`` (and ``builtin:NAME:SPLIT``) resolved to relaxation pairs.
+"""Shipped datasets: ``builtin:NAME`` and ``builtin:NAME:SPLIT`` resolved to relaxation pairs.
 
-Each dataset is a folder under ``relaxtune/data/builtin/`` with one extxyz trajectory per structure (written
-by :mod:`relaxtune.data.generate`), a ``splits.json`` and a ``DATASHEET.md`` generated from the files by
-:func:`relaxtune.data.info.datasheet`. A *view* (``si-defects-mini``) selects structures of another dataset
-without copying files: the small default that trains in minutes.
+Each dataset is a folder under ``relaxtune/data/builtin/``: one extxyz trajectory per structure, a
+``splits.json`` and a generated ``DATASHEET.md``. A *view* selects structures of another dataset's folder
+without copying files. Each entry records how its structures are built and how to regenerate it.
 """
 
 from __future__ import annotations
@@ -11,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from relaxtune.data import builders
 from relaxtune.data.pairs import DataError, RelaxationPair, read_directory, read_splits_file
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
-#: the reference level of theory (DESIGN.md), shared by every shipped dataset.
+#: the level of theory every shipped dataset was relaxed at (its datasheet quotes it).
 REFERENCE_LEVEL = (
     "GPAW 26.7.0, PBE, plane waves 300 eV, Fermi-Dirac smearing 0.05 eV, SCF convergence energy 1e-5 eV / "
     "density 1e-4, BFGS (ASE, maxstep 0.2 Å) to fmax 0.02 eV/Å"
@@ -73,8 +73,6 @@ class BuiltinDataset:
 
     def expected_structures(self) -> list[tuple[str, str]]:
         """(name, group) of every structure the builder makes for this dataset (done or not)."""
-        from relaxtune.data import builders
-
         if not self.builder:
             return []
         built = getattr(builders, self.builder)()

@@ -1,0 +1,64 @@
+"""One entry point for every way of naming a dataset: ``load_pairs(spec)``.
+
+A spec is a file, a directory, ``INITIAL:FINAL``, ``DIR:SPLIT``, ``builtin:NAME`` or ``builtin:NAME:SPLIT``.
+This module sits above both the file readers (:mod:`relaxtune.data.pairs`) and the shipped datasets
+(:mod:`relaxtune.data.registry`), so that neither needs the other's dispatcher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relaxtune.data.pairs import (
+    MAX_PLAUSIBLE_DISPLACEMENT,
+    DataError,
+    RelaxationPair,
+    read_directory,
+    read_initial_final,
+    read_splits_file,
+    read_trajectory_pairs,
+)
+from relaxtune.data.registry import load_builtin
+
+
+def _check_unique(pairs: list[RelaxationPair]) -> None:
+    """Names are file names downstream: two pairs may not share one."""
+    seen: dict[str, str] = {}
+    for p in pairs:
+        if p.name in seen:
+            raise DataError(f"{p.source}: name: structure name {p.name!r} also used in {seen[p.name]} "
+                            "(names must be unique)")
+        seen[p.name] = p.source
+
+
+def load_pairs(spec: str | Path, relax_cell: bool | None = None,
+               max_displacement: float | None = MAX_PLAUSIBLE_DISPLACEMENT) -> list[RelaxationPair]:
+    """Relaxation pairs from a file, a directory, ``INITIAL:FINAL``, ``builtin:NAME`` or ``builtin:NAME:SPLIT``.
+
+    ``DIR:SPLIT`` selects one split of a directory that has a ``splits.json``. ``relax_cell`` None detects
+    cell relaxation from the files; True/False overrides it.
+    """
+    spec_str = str(spec)
+    if spec_str.startswith("builtin:"):
+        return load_builtin(spec_str[len("builtin:"):])
+    path = Path(spec_str).expanduser()
+    if path.is_dir():
+        pairs = read_directory(path, relax_cell, max_displacement)
+    elif path.is_file():
+        pairs = read_trajectory_pairs(path, relax_cell, max_displacement)
+    elif ":" in spec_str:
+        left, right = spec_str.rsplit(":", 1)
+        lpath, rpath = Path(left).expanduser(), Path(right).expanduser()
+        if lpath.is_dir() and (lpath / "splits.json").exists():
+            splits = read_splits_file(lpath / "splits.json")
+            if right not in splits:
+                raise DataError(f"{lpath / 'splits.json'}: splits: no split {right!r} (have: {', '.join(splits)})")
+            return [p for p in read_directory(lpath, relax_cell, max_displacement) if p.split == right]
+        for part in (lpath, rpath):
+            if not part.is_file():
+                raise DataError(f"{part}: file: not found (INITIAL:FINAL needs two existing files)")
+        pairs = read_initial_final(lpath, rpath, relax_cell, max_displacement)
+    else:
+        raise DataError(f"{spec_str}: file: not found (expected a file, a directory, INITIAL:FINAL or builtin:NAME)")
+    _check_unique(pairs)
+    return pairs
