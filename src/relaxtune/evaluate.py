@@ -25,6 +25,10 @@ spglib finds for the initial structure at that tolerance, so that a defect that 
 another, equivalent direction than DFT's relaxation did is not counted as a different structure. The shipped
 Si defects, rattled by 0.05 Å, need 0.6 Å for spglib to find their sites' full symmetry (24 operations for
 the vacancy and the tetrahedral interstitial; at 0.3 Å 1-2, at 0.5 Å 1-24 by rattle).
+
+``details=True`` adds to each row the per-atom displacements behind Dq (``displacements``, Å, measured as Dq is)
+and the energy after every optimizer step (``energy_trace``, eV, step 0 = the start): what ``relaxtune report``
+plots. Off by default, since the trace is kept for every step of every chunk.
 """
 
 from __future__ import annotations
@@ -157,6 +161,12 @@ def _symmetric_row(final: Batch, k: int, reference: torch.Tensor, pair, symprec:
             "n_symmetry_ops": len(ops)}
 
 
+def _per_atom_displacements(final: Batch, reference: torch.Tensor) -> np.ndarray:
+    """Each atom's distance (Å) to its reference position, minimum image, as Dq measures it."""
+    d = distance.minimum_image_displacement(final.positions, reference, final.cell, final.pbc, final.system_idx)
+    return d.norm(dim=-1).detach().cpu().double().numpy()
+
+
 def evaluate(
     model: EnergyModel,
     pairs: Sequence,
@@ -170,10 +180,12 @@ def evaluate(
     progress: bool = False,
     start: str = "initial",
     symprec: float | None = None,
+    details: bool = False,
 ) -> Evaluation:
     """Relax each pair's initial (or, ``start="relaxed"``, final) structure with ``model`` (no graph) and
     compare with its final structure (also up to the initial structure's symmetry at ``symprec``, if given).
-    ``step_size`` is η: GD's step (Å²/eV) or FIRE's initial dt; None keeps ``RelaxConfig``'s default."""
+    ``step_size`` is η: GD's step (Å²/eV) or FIRE's initial dt; None keeps ``RelaxConfig``'s default.
+    ``details`` adds ``displacements`` and ``energy_trace`` to the rows (module docstring)."""
     from relaxtune.relax import RelaxConfig, relax
 
     start_structures([], start)  # reject a bad start before any work
@@ -195,7 +207,7 @@ def evaluate(
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():
-            result = relax(model, batch, configs[_cell_free(chunk[0])], grad_mode="none")
+            result = relax(model, batch, configs[_cell_free(chunk[0])], grad_mode="none", record_trace=details)
         final = result.batch.replace(positions=result.batch.positions.detach())
         if _cell_free(chunk[0]):
             final = in_reference_cell(final, torch.tensor(np.stack([p.final.cell.array for p in chunk]),
@@ -204,9 +216,12 @@ def evaluate(
             dq = distance.dq(final, reference)
             rmsd = distance.rmsd(final, reference)
             mx = distance.max_displacement(final, reference)
+            per_atom = _per_atom_displacements(final, reference) if details else None
+        trace = result.energy_trace.detach().cpu().double().numpy() if details else None
         blew = getattr(result, "blew_up", None)
         blew = torch.zeros(len(chunk), dtype=torch.bool) if blew is None else blew.detach().cpu()
         energy = result.energy.detach().cpu().double()
+        atom_slices = final.system_slices()
         for k, pair in enumerate(chunk):
             bad = bool(blew[k]) or not math.isfinite(float(dq[k]))
             e_model = float(energy[k]) if not bad else None
@@ -228,6 +243,9 @@ def evaluate(
                     (e_model - e_dft) / len(pair.initial) if (e_model is not None and e_dft is not None) else None
                 ),
             }
+            if details:
+                row["displacements"] = None if bad else per_atom[atom_slices[k]].tolist()
+                row["energy_trace"] = None if bad else trace[: row["steps"] + 1, k].tolist()
             if symprec is not None:
                 row.update(_symmetric_row(final, k, reference, pair, symprec, bad))
             if _cell_free(pair):
