@@ -135,7 +135,7 @@ def _cell_free(pair) -> bool:
 
 def in_reference_cell(batch: Batch, reference_cell: torch.Tensor) -> Batch:
     """``batch`` with each structure's fractional coordinates placed in ``reference_cell`` (n_systems, 3, 3);
-    the model's own cell is in the relaxation result, for :func:`cell_errors`."""
+    the model's own cell is in the relaxation result, for ``cell_errors``."""
     frac = torch.linalg.solve(batch.cell[batch.system_idx].transpose(1, 2), batch.positions.unsqueeze(-1)).squeeze(-1)
     positions = torch.einsum("ak,akl->al", frac, reference_cell[batch.system_idx])
     return batch.replace(positions=positions, cell=reference_cell)

@@ -13,7 +13,7 @@ elements (``builtin:crystals`` pairs whose elements all occur in training):
   ``extra_frames`` (e.g. the run's validation structures).
 
 Every item gets a verdict, ``better``, ``same`` or ``worse`` than pretrained beyond its tolerance
-(:class:`Tolerances`), and the whole check ``kept`` when no item is worse.
+(``Tolerances``), and the whole check ``kept`` when no item is worse.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One flat tensor of positions for all atoms (``system_idx`` says which structure each atom belongs to), one
 cell per structure. Structures of different sizes and species share a batch. The state is immutable: code
-that moves atoms builds a new ``Batch`` with :meth:`Batch.replace`, so autograd graphs stay intact.
+that moves atoms builds a new ``Batch`` with ``Batch.replace``, so autograd graphs stay intact.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What is in a dataset: counts, species, sizes, convergence, settings, splits; and the datasheet.
 
-:func:`dataset_info` summarises a file, a directory or a shipped dataset as a JSON-friendly dict (what
-``relaxtune data info --json`` prints); :func:`datasheet` renders the markdown datasheet of a shipped dataset
+``dataset_info`` summarises a file, a directory or a shipped dataset as a JSON-friendly dict (what
+``relaxtune data info --json`` prints); ``datasheet`` renders the markdown datasheet of a shipped dataset
 from its files, so it stays true as relaxations arrive (``relaxtune data datasheet builtin:NAME --write``).
 """
 
@@ -83,7 +83,7 @@ def summarize_pairs(pairs: list[RelaxationPair], splits: dict[str, list[str]] | 
 
 
 def dataset_info(spec: str | Path) -> dict[str, Any]:
-    """Summary of a file, a directory, ``INITIAL:FINAL`` or ``builtin:NAME[:SPLIT]`` (see :func:`summarize_pairs`).
+    """Summary of a file, a directory, ``INITIAL:FINAL`` or ``builtin:NAME[:SPLIT]`` (see ``summarize_pairs``).
 
     For directories and shipped datasets it also lists failed structures (``NAME.failed.json``) and, for
     shipped datasets, how many of the planned structures are done.
@@ -122,7 +122,7 @@ def dataset_info(spec: str | Path) -> dict[str, Any]:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Human-readable summary of :func:`dataset_info`."""
+    """Human-readable summary of ``dataset_info``."""
     n = info["n_structures"]
     lines = [f"{info['source']}: {n} relaxation{'s' if n != 1 else ''}, {info['n_converged']} converged"
              + (f", {info['n_not_converged']} not converged" if info["n_not_converged"] else "")

@@ -1,8 +1,8 @@
 """One entry point for every way of naming a dataset: ``load_pairs(spec)``.
 
 A spec is a file, a directory, ``INITIAL:FINAL``, ``DIR:SPLIT``, ``builtin:NAME`` or ``builtin:NAME:SPLIT``.
-This module sits above both the file readers (:mod:`relaxtune.data.pairs`) and the shipped datasets
-(:mod:`relaxtune.data.registry`), so that neither needs the other's dispatcher.
+This module sits above both the file readers (``relaxtune.data.pairs``) and the shipped datasets
+(``relaxtune.data.registry``), so that neither needs the other's dispatcher.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ extxyz / ASE ``.traj`` (one trajectory per file; a file whose frames carry chang
 several, split at each new name), VASP ``vasprun.xml`` / ``OUTCAR``, Quantum ESPRESSO output (``pw.x``
 ``.pwo``/``.out``), a directory of such files (or of VASP/QE run folders), and two files of initial and
 final structures (``initial.extxyz:final.extxyz``, paired frame by frame). Every pair is validated (atom
-count, species and order, cell, periodicity, finite numbers); a problem raises :class:`DataError`, one line
+count, species and order, cell, periodicity, finite numbers); a problem raises ``DataError``, one line
 naming the file, the structure index and the field. Resolving a dataset spec (``builtin:NAME`` included)
-to pairs is :func:`relaxtune.data.load.load_pairs`.
+to pairs is ``relaxtune.data.load.load_pairs``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train / val / test splits by group, so that test structures are unlike the training ones.
 
 A split is a dict ``{"train": [groups], "val": [groups], "test": [groups]}`` (a ``splits.json`` on disk);
-a group (defect type, material) is never in two splits. :func:`random_group_split` makes a deterministic
+a group (defect type, material) is never in two splits. ``random_group_split`` makes a deterministic
 one for user data: the same groups, seed and fractions always give the same split, whatever the order.
 """
 

@@ -1,8 +1,8 @@
 """Reference relaxations with DFT (GPAW, Quantum ESPRESSO) or any ASE calculator: one extxyz trajectory per
 structure, resumable, in parallel single-threaded workers.
 
-:func:`generate` relaxes the structures of :func:`read_structures` not done yet (:mod:`relaxtune.dft.output`
-describes the files); :func:`preflight` checks the setup first. One module per job: settings, k-points,
+``generate`` relaxes the structures of ``read_structures`` not done yet (``relaxtune.dft.output``
+describes the files); ``preflight`` checks the setup first. One module per job: settings, k-points,
 cutoffs, pseudopotentials, calculators (gpaw, espresso), output files, one relaxation, the worker pool.
 """
 

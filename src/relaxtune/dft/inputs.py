@@ -11,7 +11,7 @@ from ase.io import read
 from relaxtune.dft.settings import GenerateError
 
 def read_structures(path: Path | str) -> list[Atoms]:
-    """Input structures for :func:`generate` from any ASE-readable file (all frames).
+    """Input structures for ``generate`` from any ASE-readable file (all frames).
 
     Names: ``info['name']`` where present, else ``STEM_INDEX`` (``STEM`` for a single structure). Other
     ``info`` keys (``group`` above all: what splits are made by) are copied into the output header.

@@ -1,6 +1,6 @@
 """Energy models behind one interface (see ``base.EnergyModel``) and a loader by name or file.
 
-The adapters (CHGNet, SevenNet, MACE, classical) are imported lazily by :func:`load_model`, so importing
+The adapters (CHGNet, SevenNet, MACE, classical) are imported lazily by ``load_model``, so importing
 ``relaxtune.potentials`` stays cheap and an optional package (mace-torch) is needed only when used.
 """
 

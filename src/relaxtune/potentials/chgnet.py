@@ -2,9 +2,9 @@
 
 CHGNet's own path (``CrystalGraph`` -> ``BatchedGraph.from_graphs``) rebuilds bond vectors from fractional
 coordinates per graph in a Python loop, and its stress uses a detached cell volume. Here the crystal graphs
-are built in :meth:`CHGNetModel.prepare` (pymatgen neighbor search with CHGNet's cutoffs plus a skin, so that
+are built in ``CHGNetModel.prepare`` (pymatgen neighbor search with CHGNet's cutoffs plus a skin, so that
 they stay exact while atoms move less than skin / 2), their index tensors concatenated with offsets into one batched topology, and
-:meth:`CHGNetModel.energy` computes every bond vector in one vectorised torch expression from the current
+``CHGNetModel.energy`` computes every bond vector in one vectorised torch expression from the current
 Cartesian positions and cells:
 
     bond = X[center] - (X[neighbor] + image @ cell)          (CHGNet's sign convention)

@@ -7,7 +7,7 @@ frozen state and never mutates its inputs, so gradients flow through any number 
 
 * ``gd_init`` / ``gd_step``: gradient descent as in the reference method, ``X <- X + eta F``, optionally with
   heavy-ball momentum, step annealing (eta multiplied by ``anneal`` each step) and a smooth per-row
-  displacement cap (see :func:`soft_cap`).
+  displacement cap (see ``soft_cap``).
 * ``lbfgs_init`` / ``lbfgs_step``: ASE's L-BFGS (``ase.optimize.LBFGS``: memory 100, initial inverse Hessian
   1/70 Å²/eV, the whole step scaled so that no row moves more than ``maxstep``), per structure, each with its
   own history. Quasi-Newton steps reach a minimum in fewer model calls than FIRE; they are for relaxations

@@ -1,10 +1,10 @@
 """A report for one fine-tuning run: markdown + self-contained HTML with matplotlib PNG plots.
 
-Reads what the trainer left in a run directory (:mod:`.run`; see :mod:`relaxtune.train.finetune`) and adds what
+Reads what the trainer left in a run directory (``.run``; see ``relaxtune.train.finetune``) and adds what
 the trainer does not record: the pretrained and the fine-tuned model (``best.pt``, else ``last.pt``) each
-evaluated on a data split (the test split by default) by :func:`relaxtune.evaluate.evaluate` with the run's own
-validation settings, cached in ``OUT/report_data.json`` (:mod:`.compare`); then plots (:mod:`.plots`) and the
-markdown and HTML (:mod:`.render`).
+evaluated on a data split (the test split by default) by ``relaxtune.evaluate.evaluate`` with the run's own
+validation settings, cached in ``OUT/report_data.json`` (``.compare``); then plots (``.plots``) and the
+markdown and HTML (``.render``).
 
 Any piece may be missing (a run killed before its first checkpoint, no summary, no test data): its section
 then says what is missing and how to get it; only a path that is not a run directory at all is an error

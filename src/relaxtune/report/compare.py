@@ -1,4 +1,4 @@
-"""Pretrained vs fine-tuned on held-out structures, measured by :func:`relaxtune.evaluate.evaluate`.
+"""Pretrained vs fine-tuned on held-out structures, measured by ``relaxtune.evaluate.evaluate``.
 
 Both models relax the structures of a data split with the run's own validation settings (optimizer,
 ``eval_fmax``, ``eval_max_steps``, ``val_start``) exactly as ``relaxtune evaluate`` and the trainer's validation

@@ -1,7 +1,7 @@
 """Read what the trainer left in a run directory (``summary.json``, ``metrics.csv``, ``best.pt``, ``last.pt``).
 
-Any piece may be missing or unreadable: :class:`RunInfo` then carries a note saying so (shown in the report);
-only a path that is not a run directory at all is an error (:class:`ReportError`, one line).
+Any piece may be missing or unreadable: ``RunInfo`` then carries a note saying so (shown in the report);
+only a path that is not a run directory at all is an error (``ReportError``, one line).
 """
 
 from __future__ import annotations

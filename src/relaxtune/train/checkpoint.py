@@ -51,7 +51,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically (same recipe as :func:`atomic_save`)."""
+    """Write a text file atomically (same recipe as ``atomic_save``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
