@@ -64,7 +64,8 @@ def test_evaluate_split_and_checkpoint_model(monkeypatch, capsys, dataset, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--model", "nonsense"], "--model nonsense"),
     (["--model", "sw", "--split", "holdout"], "--split holdout"),
-    (["--model", "sw", "--start", "halfway"], "--start halfway: not initial or relaxed"),
+    (["--model", "sw", "--start", "halfway"], "Invalid value for '--start': 'halfway' is not one of 'initial', 'relaxed'"),
+    (["-m", "nonsense"], "--model nonsense: unknown model"),
 ])
 def test_evaluate_user_errors(monkeypatch, capsys, dataset, args, message):
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, *args, "--no-progress")
@@ -109,3 +110,77 @@ def test_an_unwritable_json_path_fails_before_any_compute(monkeypatch, capsys, t
     code, _, err = run(monkeypatch, capsys, "evaluate", "builtin:si-defects-mini:val", "--model", "sw", "--json",
                        tmp_path / "missing" / "x.json")
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_is_written_after_every_batch_and_ctrl_c_keeps_it(monkeypatch, capsys, dataset, tmp_path):
+    """--json holds the finished structures as the run goes ("partial": true); Ctrl-C leaves that file, says so
+    on one line and exits 130. Batch by batch, the numbers are those of one evaluate() call."""
+    import relaxtune.evaluate
+    from relaxtune.data import load_pairs
+    from relaxtune.potentials import load_model
+
+    import torch
+
+    whole = relaxtune.evaluate.evaluate(load_model("sw"), load_pairs(str(dataset)), batch_size=2, max_steps=30,
+                                        dtype=torch.float64)
+    out = tmp_path / "m.json"
+    code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "-m", "sw", "--batch-size", "2", "--max-steps",
+                       "30", "--json", out, "--no-progress")
+    assert code == 0, err
+    done = json.loads(out.read_text())
+    assert done["partial"] is False and done["n"] == 4
+    assert [r["dq"] for r in done["rows"]] == pytest.approx([r["dq"] for r in whole.rows], rel=1e-9)
+    assert done["dq_mean"] == pytest.approx(whole.metrics["dq_mean"], rel=1e-9)
+
+    real, seen = relaxtune.evaluate.evaluate, []
+
+    def interrupted_at_the_second_batch(*args, **kwargs):
+        seen.append(json.loads(out.read_text()) if len(seen) else None)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out.unlink()
+    monkeypatch.setattr(relaxtune.evaluate, "evaluate", interrupted_at_the_second_batch)
+    code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "-m", "sw", "--batch-size", "2", "--max-steps",
+                       "30", "--json", out, "--no-progress")
+    assert code == 130 and err.strip().splitlines() == [f'aborted: 2 of 4 structures evaluated are in {out} '
+                                                        '("partial": true)'], err
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and partial["n_total"] == 4 and partial["n"] == len(partial["rows"]) == 2
+    assert partial["model"] == "sw" and partial["fmax"] == 0.02
+    assert [r["name"] for r in partial["rows"]] == [r["name"] for r in whole.rows[:2]]
+    assert partial["dq_mean"] == pytest.approx(sum(r["dq"] for r in whole.rows[:2]) / 2, rel=1e-9)
+
+
+def test_ctrl_c_through_the_real_command_keeps_a_readable_partial_json(dataset, tmp_path):
+    """SIGINT to ``python -m relaxtune evaluate`` once --json holds a finished batch: exit code 130, one line on
+    stderr, and the JSON (replaced atomically, never half-written) holds that batch's structures."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "m.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # tiny gd steps never converge: every structure takes --max-steps steps (about 1.5 s for 1000)
+    proc = subprocess.Popen([sys.executable, "-m", "relaxtune", "evaluate", str(dataset), "-m", "sw", "--optimizer",
+                             "gd", "--step-size", "1e-5", "--max-steps", "1000", "--batch-size", "1", "--json",
+                             str(out), "--no-progress", "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"ended before it could be interrupted: {proc.communicate()}"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr and lines[-1].startswith("aborted: ") and "of 4 structures evaluated" in lines[-1]
+    assert len(lines) == 1  # the per-structure lines come with the metrics, from a finished run
+    assert stdout == ""  # the metrics are printed only by a finished run
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and 1 <= partial["n"] < 4 and partial["n_total"] == 4
+    assert {r["name"] for r in partial["rows"]} <= {"sw0", "sw1", "sw2", "sw3"}
+    assert all(r["steps"] == 1000 for r in partial["rows"])

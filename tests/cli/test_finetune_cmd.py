@@ -75,7 +75,8 @@ def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, datase
     (["no/such/dir"], "TRAIN no/such/dir"),
     (["DATASET", "--grad", "magic"], "grad"),
     (["DATASET", "--step-size", "-1"], "step_size"),
-    (["DATASET", "--energy-scale", "per-molecule"], "energy_scale"),
+    (["DATASET", "--energy-scale", "per-molecule"], "Invalid value for '--energy-scale': 'per-molecule' is not one "
+                                                    "of 'per-atom', 'total'"),
     (["DATASET", "--train-params", "nothing_matches"], "no parameter of the model matches"),
 ])
 def test_finetune_user_errors_are_one_line(monkeypatch, capsys, dataset, tmp_path, args, message):
@@ -196,3 +197,44 @@ def test_a_config_file_sets_any_field_and_the_command_line_overrides_it(monkeypa
     settings.write_text("model: sw\nlearning_rate: 0.1\n")
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", tmp_path / "bad", "--config", settings)
     assert code == 2 and f"--config {settings}: field 'learning_rate'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_overwrite_starts_a_run_afresh_and_the_old_o_still_names_the_folder(monkeypatch, capsys, dataset, tmp_path):
+    """A folder holding a run is refused without --resume or --overwrite; --overwrite deletes that run's files
+    (only those) before training. -o, the old spelling of --out (hidden: -o/--output names files), still works."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("best.pt", "last.pt", "metrics.csv", "summary.json"):
+        (out / name).write_text("the earlier run's")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "-o", out, *SW_ARGS, "--epochs", "1")
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "-o", out, *SW_ARGS, "--resume", "--overwrite")
+    assert code == 2 and "--resume and --overwrite: give one" in err
+    assert (out / "last.pt").read_text() == "the earlier run's"
+    code, stdout, err = run(monkeypatch, capsys, "finetune", dataset, "-o", out, *SW_ARGS, "--epochs", "1",
+                            "--steps", "20", "--overwrite")
+    assert code == 0, err
+    assert f"--overwrite: deleted best.pt, last.pt, metrics.csv, summary.json of the earlier run in {out}" in err
+    assert json.loads((out / "summary.json").read_text())["epochs_run"] == 1
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2  # epochs 0 and 1 of the new run only
+    assert (out / "notes.txt").read_text() == "mine"
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, *SW_ARGS)
+    assert code == 2 and "--out: missing" in err
+
+
+def test_ctrl_c_says_where_the_run_can_be_resumed(monkeypatch, capsys, dataset, tmp_path):
+    import relaxtune.train.finetune
+
+    out = tmp_path / "run"
+
+    def interrupted_after_an_epoch(config, train, val, out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "last.pt").write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(relaxtune.train.finetune, "finetune", interrupted_after_an_epoch)
+    code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS)
+    assert code == 130
+    assert err.strip().splitlines()[-1] == f"aborted: {out}/last.pt holds the last finished epoch; --resume continues the run"

@@ -160,3 +160,76 @@ def test_resume_keeps_the_finished_structures_and_relaxes_the_rest(monkeypatch, 
     write(other, [bulk("Si", "diamond", a=5.43)] * 3)  # 2 atoms each, not 8
     code, _, stderr = run(monkeypatch, capsys, "relax", other, "-o", out, "--model", "sw", "--resume")
     assert code == 2 and "not the first" in stderr
+
+
+def _wait_for(condition, proc, timeout=120.0):
+    """Poll ``condition`` until it holds; fail if the command ends or the time runs out first."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended (exit code {proc.returncode}) before it could be interrupted: "
+                                 f"{proc.stderr.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out")
+
+
+def test_ctrl_c_keeps_every_finished_structure_and_exits_130(tmp_path):
+    """The real command in its own process: SIGINT once the output holds finished structures gives exit code
+    130, one line on stderr (no traceback), and an output whose structures are readable and are inputs' relaxed
+    (written after every batch, atomically)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    frames = []
+    for i in range(200):  # SW relaxes ~10 of these a second: far more than the test waits for
+        atoms = _si(seed=i, rattle=0.1)
+        atoms.info["name"] = f"si_{i}"
+        frames.append(atoms)
+    write(tmp_path / "in.extxyz", frames)
+    out = tmp_path / "out.extxyz"
+
+    def finished():
+        try:
+            return len(read(out, ":")) >= 4
+        except Exception:  # not there yet (never half-written: replaced atomically)
+            return False
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "relaxtune", "relax", "in.extxyz", "-o", "out.extxyz", "-m", "sw",
+                             "--batch-size", "2", "--fmax", "0.001", "--threads", "1", "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(finished, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aborted"), stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "relaxed 200 structures" not in stdout
+    kept = read(out, ":")
+    assert 4 <= len(kept) < 200
+    assert f"{len(kept)} of 200 structures relaxed are in out.extxyz; --resume relaxes the rest" in lines[0]
+    assert [a.info["name"] for a in kept] == [f"si_{i}" for i in range(len(kept))]  # the first inputs, in order
+    for atoms, source in zip(kept, frames):
+        assert list(atoms.numbers) == list(source.numbers)
+        assert atoms.info["converged"] and atoms.info["fmax"] < 0.001
+        assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_option_values_are_checked_before_reading_anything(monkeypatch, capsys, tmp_path, si_file):
+    for args, message in (
+            (["--optimizer", "bfgs"], "Invalid value for '--optimizer': 'bfgs' is not one of 'fire', 'gd', 'lbfgs'"),
+            (["--max-steps", "-5"], "Invalid value for '--max-steps'"),
+            (["--index", "first"], "--index first: not an index of frames"),
+    ):
+        code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", tmp_path / "o.extxyz", "-m", "sw", *args)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], stderr
+        assert not (tmp_path / "o.extxyz").exists()

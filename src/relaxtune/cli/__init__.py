@@ -1,11 +1,21 @@
 """Command-line interface: ``relaxtune relax | finetune | evaluate | report | data``.
 
 Each command lives in its own module and registers itself on ``app``. Errors users can fix (bad files,
-unsupported elements) are raised as ``UserInputError`` and printed as one line with exit code 2.
+unsupported elements, bad option values) are printed as one line with exit code 2, never a traceback: commands
+raise ``UserInputError``; usage errors (an unknown option, a value out of range or not among the choices) are
+typer's, turned into one line by ``main``. Ctrl-C ends a command with one line (``aborted``, or what the
+command kept) and exit code 130; commands write their outputs as they go, atomically, so that nothing finished
+is lost.
+
+One convention for the options, stated in every command's ``--help`` (:data:`CONVENTION`): ``-o/--output``
+names an output file, ``--out`` an output folder, ``--json`` a JSON output file, ``-m/--model`` the model;
+options with a fixed set of values list them (``<fire|gd|lbfgs>``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +46,142 @@ class UserInputError(Exception):
 THREADS_HELP = ("torch CPU threads (0 = every core this process may use). Running several jobs on one machine, "
                 "give each its share (e.g. --threads 1 each on 2 cores): oversubscribed cores run many times slower.")
 
+#: the epilog of every command's --help: one spelling of each kind of option across the commands
+CONVENTION = ("Options of every relaxtune command: -o/--output FILE writes a file, --out DIR a folder, --json FILE "
+              "a JSON file; -m/--model names the model; <a|b|c> lists the values an option takes.")
+
+#: the values of the options with a fixed set of choices; each equals the library's own tuple (tests/cli check
+#: that), copied here so that --help and the usage checks run without importing torch
+OPTIMIZERS = ("fire", "gd", "lbfgs")  # relaxtune.relax.loop.OPTIMIZERS
+STARTS = ("initial", "relaxed")  # relaxtune.evaluate.STARTS
+GRADS = ("full", "truncated", "checkpoint", "implicit", "hybrid")  # relaxtune.relax.implicit.GRAD_MODES[1:]
+HYBRID_HEADS = ("checkpoint", "full")  # TrainConfig.hybrid_head
+DTYPES = ("float32", "float64")  # TrainConfig.dtype
+
+_abort_note: list[str] = []
+
+
+def note_on_abort(note: str) -> None:
+    """What an interrupted command kept (e.g. '12 of 50 structures are in out.extxyz'): ``main`` prints it on
+    its one line after 'aborted'. The latest note wins."""
+    _abort_note[:] = [note]
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Ctrl-C inside the block takes effect when it ends: an output file and the count of what it holds (for
+    the 'aborted' line) change together. Only in the main thread (elsewhere signals are not Python's)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+#: (pattern, plain words) for what ASE, torch and Python say when a file is not what its reader expects. A pattern
+#: matches from the start of the message or after a ': ' to its end; what comes before (file, structure, field)
+#: is kept.
+_PLAIN_READ_ERRORS = [(re.compile(r"(?:^|(?<=: ))" + pattern), plain) for pattern, plain in [
+    (r"Expected xyz header but got:.*", "not an (ext)xyz file: each frame must begin with its number of atoms"),
+    (r"This is not an ULM formatted file.*", "not an ASE trajectory (.traj) file"),
+    (r"Not a BundleTrajectory:.*", "not an ASE trajectory (.traj) file"),
+    (r"'utf-?8' codec can't decode.*", "binary content where text was expected (is the extension right?)"),
+    (r"(?:Could not guess file type|Unknown file type|UnknownFileTypeError).*",
+     "unknown file format: give the file a known extension (.extxyz, .xyz, .traj, .cif, ...) or name (POSCAR, "
+     "vasprun.xml, OUTCAR)"),
+    (r"Empty file.*", "empty file"),
+    (r"(?:invalid literal for \w+\(\) with base \d+|could not convert string to \w+):.*",
+     "malformed file: a number was expected"),
+    (r"(?:could not broadcast input array|'?\w+'? object (?:has no attribute|is not subscriptable|is not iterable)"
+     r"|index -?\d+ is out of bounds|list index out of range|(?:not enough|too many) values to unpack"
+     r"|cannot unpack).*", "malformed file"),
+    (r"'([A-Z][a-z]{0,2})'$", r"unknown element symbol '\1'"),  # KeyError of a symbol lookup
+    (r"'(\w+)'$", r"missing field '\1'"),  # KeyError of another lookup
+    # torch.load (weights_only) on something that is not a relaxtune checkpoint
+    (r"not a readable relaxtune checkpoint \(\w+: .*Unsupported global.*\)$",
+     "not a relaxtune checkpoint: it holds pickled Python objects, which relaxtune does not load"),
+    (r"not a readable relaxtune checkpoint \(.*\)$",
+     "not a relaxtune checkpoint (not a file that torch.save wrote, or a damaged one)"),
+]]
+
+
+def plain_reason(exc: BaseException | str) -> str:
+    """One line saying why a file could not be read, without the reader's internals (exception class names,
+    ``'Xx'`` for an unknown element, parser state, torch's ``weights_only`` advice)."""
+    text = one_line(exc)
+    if isinstance(exc, StopIteration):
+        return "no structures in the file"
+    text = re.sub(r"(?:^|(?<=: ))ase\.io\.\w+: ", "", text)  # the reader's module
+    if not text:
+        return "malformed file"
+    for pattern, plain in _PLAIN_READ_ERRORS:
+        match = pattern.search(text)
+        if match:
+            return text[: match.start()] + match.expand(plain)
+    if isinstance(exc, (AttributeError, TypeError, IndexError, AssertionError, KeyError)):
+        return "malformed file"
+    return text
+
+
+def file_error(name: str, exc: BaseException | str) -> "UserInputError":
+    """``UserInputError`` "NAME: reason" in plain words. A reason that begins with NAME, or with the value NAME
+    names ("--model x.pt", "TRAIN dir/"), does not repeat it."""
+    reason = plain_reason(exc)
+    for prefix in (name, name.split(" ", 1)[-1]):
+        if reason.startswith(f"{prefix}: "):
+            reason = reason[len(prefix) + 2:]
+    return UserInputError(f"{name}: {reason}")
+
+
+def check_model(spec: str, option: str = "--model") -> None:
+    """Before any compute: ``spec`` names a model (chgnet, sevennet, lj, sw), a MACE file or a readable relaxtune
+    checkpoint (read, not built: cheap). One-line ``UserInputError`` otherwise."""
+    from relaxtune.potentials import MODEL_CHOICES, _is_mace_file
+
+    name = str(spec).strip()
+    if name.lower() in {"chgnet", "chgnet-0.3.0", "sevennet", "7net-0", "sevennet-0", "lj", "sw"}:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise UserInputError(f"{option} {name}: is a folder (give the checkpoint in it, e.g. {path / 'best.pt'})")
+    if not path.exists():
+        if path.suffix in (".pt", ".model", ".pth") or len(path.parts) > 1:
+            raise UserInputError(f"{option} {name}: no such file")
+        raise UserInputError(f"{option} {name}: unknown model: use {MODEL_CHOICES}")
+    if _is_mace_file(path):
+        return
+    from relaxtune.potentials.checkpoint import read_checkpoint
+
+    try:
+        read_checkpoint(path)
+    except (ValueError, OSError) as exc:
+        raise file_error(f"{option} {name}", exc) from None
+
+
+def load_model_or_fail(spec: str, dtype=None, option: str = "--model"):
+    """``relaxtune.potentials.load_model`` (``dtype`` None: its default) with its errors as one plain line naming
+    the option."""
+    from relaxtune.potentials import load_model
+
+    check_model(spec, option)
+    try:
+        return load_model(spec) if dtype is None else load_model(spec, dtype=dtype)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as exc:
+        raise file_error(f"{option} {spec}", exc) from None
+
 
 def check_writable(path: Path, option: str) -> None:
     """Fail before any compute if ``path`` cannot be written (a folder, a missing or read-only folder)."""
@@ -46,8 +192,21 @@ def check_writable(path: Path, option: str) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise UserInputError(f"{option} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)) \
+            or not can_create_in(folder):
         raise UserInputError(f"{option} {path}: not writable")
+
+
+def can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permissions do not tell for root, read-only mounts,
+    /proc, ...). The outputs are written as a temporary file renamed into place, so the folder must take one."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".relaxtune-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def use_threads(threads: int) -> int:
@@ -96,28 +255,43 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _usage_line(exc: Exception) -> str:
+    """A usage error as one line: typer's message (without pydantic's 'Value error, ') and where help is."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = one_line(message.replace("Value error, ", ""))
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return f"error: {message}"
+
+
+def _aborted() -> None:
+    note = f": {_abort_note[0]}" if _abort_note else ""
+    typer.echo(f"aborted{note}", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     import warnings
 
     warnings.formatwarning = _one_line_warning
+    _abort_note.clear()
     _register()
     usage_errors = _usage_error_types()
     try:
-        code = app(standalone_mode=False)  # click returns (not raises) the code of an Exit, e.g. 130 on Ctrl-C
+        # click returns (not raises) the code of an Exit, e.g. 130 on Ctrl-C; usage and help name the program
+        # 'relaxtune' however it was started (python -m relaxtune, the console script, the tests)
+        code = app(standalone_mode=False, prog_name="relaxtune")
     except UserInputError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        _aborted()
     except usage_errors as exc:
-        if hasattr(exc, "show"):
-            exc.show()
-        else:
-            typer.echo(f"error: {exc}", err=True)
+        typer.echo(_usage_line(exc), err=True)
         sys.exit(getattr(exc, "exit_code", 2))
     if isinstance(code, int) and code:
         if code == 130:
-            typer.echo("aborted", err=True)
+            _aborted()
         sys.exit(code)

@@ -7,37 +7,46 @@ Relaxes every initial structure (FIRE to --fmax, 0.02 eV/Å by default = as tigh
 and prints and writes {"n", "dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate",
 "converged_rate", "steps_mean", ...} plus per-structure "rows"; with --symprec also Dq up to a symmetry of
 each initial structure (relaxtune.symmetry).
+
+--json is rewritten atomically after every batch: until the run ends it holds the structures finished so far,
+their metrics and ``"partial": true`` (with ``"n_total"``), so that an interrupted run (Ctrl-C: exit code 130)
+keeps what it measured; the finished file has ``"partial": false``. (Under torchrun, rank 0 writes it once, at
+the end.)
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, check_writable, use_threads
+from relaxtune.cli import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
+                           check_writable, deferred_interrupt, file_error, load_model_or_fail, note_on_abort,
+                           use_threads)
 
 CLASSICAL = {"lj", "sw"}
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=CONVENTION)
 def evaluate_command(
     data: Optional[str] = typer.Argument(None, help="Relaxation pairs: a file, a directory, builtin:NAME, ... "
                                          "(with --retention: optional, its DFT frames are checked too)."),
-    model: str = typer.Option(..., "--model", help="chgnet, sevennet, sw, lj, a MACE file or a relaxtune checkpoint."),
+    model: str = typer.Option(..., "--model", "-m", help="chgnet, sevennet, sw, lj, a MACE file or a relaxtune "
+                              "checkpoint."),
     split: Optional[str] = typer.Option(None, "--split", help="Only this split (train | val | test) of DATA."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics (and per-structure rows) here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="JSON file of the metrics and per-structure rows "
+                                             "(rewritten after every batch: Ctrl-C keeps what is finished)."),
     fmax: float = typer.Option(0.02, "--fmax", min=1e-6, help="Relaxation convergence, eV/Å."),
-    optimizer: str = typer.Option("fire", "--optimizer", help="fire | lbfgs | gd."),
+    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="Relaxation optimizer."),
     max_steps: int = typer.Option(500, "--max-steps", min=0, help="Relaxation step cap."),
     step_size: Optional[float] = typer.Option(None, "--step-size", min=1e-9, help="gd: η in Å²/eV (default 0.02); "
                                               "fire: initial time step (default 0.1). A run trained with "
                                               "--learn-step has its learned η in summary.json (step_size_after)."),
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Structures relaxed together."),
-    start: str = typer.Option("initial", "--start", help="Relax from the initial structures, or from the "
-                              "DFT-relaxed ones (how far the model's own minimum lies): initial | relaxed."),
+    start: Literal[STARTS] = typer.Option("initial", "--start", help="Relax from the initial structures, or from "
+                                          "the DFT-relaxed ones (how far the model's own minimum lies)."),
     symprec: Optional[float] = typer.Option(None, "--symprec", help="Also report Dq up to a symmetry of each "
                                             "initial structure (spglib tolerance, Å; 0.6 for the shipped Si "
                                             "defects, rattled by 0.05 Å): dq_sym_mean, basin_match_sym_rate."),
@@ -53,21 +62,18 @@ def evaluate_command(
     import torch
 
     from relaxtune.data import DataError, load_pairs
-    from relaxtune.evaluate import STARTS, evaluate
-    from relaxtune.potentials import load_model
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
     from relaxtune.potentials.checkpoint import unseen_species
 
     if json_path is not None:
         check_writable(json_path, "--json")
+    check_model(model)
     if retention:
         use_threads(threads)
         return retention_command(model, data, split, json_path)
     if data is None:
         raise UserInputError("DATA: missing (relaxation pairs to evaluate on)")
-    if start not in STARTS:
-        raise UserInputError(f"--start {start}: not initial or relaxed")
     if symprec is not None and not symprec > 0:
         raise UserInputError(f"--symprec {symprec}: must be a positive distance in Å")
     use_threads(threads)
@@ -78,7 +84,7 @@ def evaluate_command(
     try:
         pairs = load_pairs(data)
     except (DataError, FileNotFoundError, ValueError) as exc:
-        raise UserInputError(f"{data}: {' '.join(str(exc).split())}") from None
+        raise file_error(data, exc) from None
     if split is not None:
         if not any(getattr(p, "split", None) for p in pairs):
             raise UserInputError(f"--split {split}: {data} has no splits (no splits.json)")
@@ -86,31 +92,26 @@ def evaluate_command(
         if not pairs:
             raise UserInputError(f"--split {split}: no structures of {data} in that split")
     dtype = torch.float64 if model.lower() in CLASSICAL else torch.float32
-    try:
-        net = load_model(model, dtype=dtype)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserInputError(f"--model {model}: {' '.join(str(exc).split())}") from None
+    net = load_model_or_fail(model, dtype)
     warning = unseen_species(net, [p.initial for p in pairs])
     if warning and ctx.is_main:
         typer.echo(warning, err=True)
+    settings = dict(fmax=fmax, optimizer=optimizer, max_steps=max_steps, step_size=step_size, batch_size=batch_size,
+                    dtype=dtype, start=start, symprec=symprec)
+    about = {"data": data, "split": split, "model": model}
     try:
         if ctx.active or ctx.device.type != "cpu":
             net = net.to(ctx.device)
-            result = distributed.evaluate_distributed(net, pairs, ctx, fmax=fmax, optimizer=optimizer,
-                                                      max_steps=max_steps, step_size=step_size,
-                                                      batch_size=batch_size, dtype=dtype, progress=progress,
-                                                      start=start, symprec=symprec)
+            result = distributed.evaluate_distributed(net, pairs, ctx, progress=progress, **settings)
         else:
-            result = evaluate(net, pairs, fmax=fmax, optimizer=optimizer, max_steps=max_steps,
-                              step_size=step_size, batch_size=batch_size, dtype=dtype, progress=progress,
-                              start=start, symprec=symprec)
+            result = evaluate_as_it_goes(net, pairs, settings, json_path, about, progress)
     except UnsupportedElementError as exc:
         raise UserInputError(f"{data}: {exc}") from None
     distributed.shutdown(ctx)
     if not ctx.is_main:
         return
     metrics = dict(result.metrics)
-    metrics.update({"data": data, "split": split, "model": model})
+    metrics.update(about)
     keys = ("n", "dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
             "steps_mean", "volume_error_abs_mean", "strain_max_mean", "dq_sym_mean", "basin_match_sym_rate")
     for r in result.rows:
@@ -125,34 +126,63 @@ def evaluate_command(
     if json_path is not None:
         from relaxtune.train.checkpoint import atomic_write_text
 
-        atomic_write_text(json.dumps({**metrics, "rows": result.rows}, indent=2) + "\n", json_path)
+        atomic_write_text(json.dumps({**metrics, "partial": False, "rows": result.rows}, indent=2) + "\n", json_path)
+
+
+def evaluate_as_it_goes(net, pairs: list, settings: dict, json_path: Optional[Path], about: dict, progress: bool):
+    """``relaxtune.evaluate.evaluate`` one batch at a time (the same batches, so the same numbers), rewriting
+    ``json_path`` after each with the rows so far (``"partial": true``). Ctrl-C keeps that file and says so."""
+    from tqdm import tqdm
+
+    from relaxtune.evaluate import Evaluation, _chunks, evaluate, summarize
+    from relaxtune.train.checkpoint import atomic_write_text
+
+    rows: list = []
+    metrics: dict = {}
+    bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False, disable=not progress)
+    try:
+        for chunk in _chunks(list(pairs), settings["batch_size"]):
+            part = evaluate(net, chunk, progress=False, **settings)
+            with deferred_interrupt():  # the file and the count in the 'aborted' line agree
+                rows.extend(part.rows)
+                metrics = {**part.metrics, **summarize(rows)}
+                if json_path is not None and len(rows) < len(pairs):
+                    atomic_write_text(json.dumps({**metrics, **about, "partial": True, "n_total": len(pairs),
+                                                  "rows": rows}, indent=2) + "\n", json_path)
+            bar.update(len(chunk))
+    except KeyboardInterrupt:
+        if json_path is not None and rows:
+            note_on_abort(f"{len(rows)} of {len(pairs)} structures evaluated are in {json_path} (\"partial\": true)")
+        raise
+    finally:
+        bar.close()
+    return Evaluation(metrics=metrics, rows=rows)
 
 
 def retention_command(model: str, data: Optional[str], split: Optional[str], json_path: Optional[Path]) -> None:
     """``evaluate --retention``: the retention suite of ``relaxtune.retention`` for checkpoint ``model`` against
     the model it was trained from, over its training elements (and DATA's DFT frames, if given)."""
     from relaxtune.data import DataError, load_pairs
-    from relaxtune.potentials import load_model
     from relaxtune.retention import retention, retention_lines
     from relaxtune.potentials.checkpoint import base_model_spec
     from relaxtune.train.checkpoint import atomic_write_text
     from relaxtune.data.pairs import dft_frames
 
-    base = base_model_spec(model)
+    try:
+        base = base_model_spec(model)
+    except (ValueError, OSError) as exc:
+        raise file_error(f"--model {model}", exc) from None
     if base == model:
         raise UserInputError(f"--model {model}: --retention needs a relaxtune checkpoint (.pt) to compare with the "
                              "model it was fine-tuned from")
-    try:
-        net = load_model(model)
-        pretrained = load_model(base)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserInputError(f"--model {model}: {' '.join(str(exc).split())}") from None
+    net = load_model_or_fail(model, None)
+    pretrained = load_model_or_fail(base, None, option=f"--model {model}: its pretrained model")
     frames = {}
     if data is not None:
         try:
             pairs = load_pairs(data)
         except (DataError, FileNotFoundError, ValueError) as exc:
-            raise UserInputError(f"{data}: {' '.join(str(exc).split())}") from None
+            raise file_error(data, exc) from None
         pairs = [p for p in pairs if split is None or p.split == split]
         frames[data if split is None else f"{data}:{split}"] = [f for p in pairs for f in dft_frames(p)]
     species = net.train_species or sorted({s for fr in frames.values() for a in fr for s in a.get_chemical_symbols()})

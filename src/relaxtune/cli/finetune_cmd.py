@@ -5,12 +5,15 @@
     relaxtune finetune train/ --val val/ --out runs/mine --model chgnet --epochs 10
     relaxtune finetune builtin:si-defects --out runs/baseline --objective forces   # conventional baseline
     relaxtune finetune builtin:si-defects --out runs/si --resume              # continue a killed run
+    relaxtune finetune builtin:si-defects --out runs/si --overwrite           # start that run afresh
 
 TRAIN / --val: a file, a directory, INITIAL:FINAL, DIR:SPLIT, builtin:NAME or builtin:NAME:SPLIT. When TRAIN's
 pairs carry a split (a dataset with splits.json, e.g. builtin:si-defects), only its ``train`` split is trained
 on and, without --val, its ``val`` split validates; test structures are never touched.
 Writes DIR/best.pt, DIR/last.pt, DIR/metrics.csv, DIR/summary.json and DIR/config.yaml (the resolved settings,
-reusable with --config).
+reusable with --config). last.pt is written after every epoch: an interrupted run (Ctrl-C: exit code 130) loses
+at most the epoch under way, and --resume continues it. A folder that holds a run is never overwritten unless
+--overwrite says so.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
-from relaxtune.train.config import TrainConfig
+from relaxtune.cli import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError,
+                           app, can_create_in, check_model, file_error, note_on_abort, one_line, use_threads)
+from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TrainConfig
 
 CLASSICAL = {"lj", "sw"}
+#: what a run writes to its folder: --overwrite deletes these (and nothing else) before it starts
+RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "config.yaml")
 #: the CLI's defaults are the library's (one place to change them), read without building a config (no torch)
 DEFAULTS = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})
 
@@ -36,7 +42,7 @@ def _load_pairs(spec: str, option: str) -> list:
     try:
         return load_pairs(spec)
     except (DataError, FileNotFoundError, ValueError) as exc:
-        raise UserInputError(f"{option} {spec}: {' '.join(str(exc).split())}") from None
+        raise file_error(f"{option} {spec}", exc) from None
 
 
 def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str]:
@@ -67,21 +73,36 @@ def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str
     return train, val, note
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
+def check_run_folder(out: Path, resume: bool, overwrite: bool = False) -> None:
     """Before any compute: ``out`` must be a folder we can write, and a finished or killed run there is only
-    continued with ``--resume``, never overwritten."""
+    continued with ``--resume``, or started afresh with ``--overwrite``; never overwritten unasked."""
     import os
 
+    if resume and overwrite:
+        raise UserInputError("--resume and --overwrite: give one (continue the run in --out, or start it afresh)")
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out}: is a file, not a folder")
-    if (out / "last.pt").exists() and not resume:
-        raise UserInputError(f"--out {out}: already holds a run (last.pt); continue it with --resume, or choose "
-                             "another folder")
+    if (out / "last.pt").exists() and not (resume or overwrite):
+        raise UserInputError(f"--out {out}: already holds a run (last.pt); continue it with --resume, start it "
+                             "afresh with --overwrite, or choose another folder")
     existing = out
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK):
+    if not existing.is_dir():
+        raise UserInputError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK) or not can_create_in(existing):
         raise UserInputError(f"--out {out}: {existing} is not writable")
+
+
+def clear_run_folder(out: Path) -> list[str]:
+    """``--overwrite``: delete the files an earlier run wrote to ``out`` (:data:`RUN_FILES`, nothing else), so that
+    the new run is never mixed with the old one's; returns their names."""
+    removed = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    return removed
 
 
 def apply_config_file(config: TrainConfig, path: Path, given: set[str]) -> TrainConfig:
@@ -155,27 +176,30 @@ def check_resume_options(out: Path, config: TrainConfig) -> None:
                              "the run's own options, or add --force to continue with the stored ones")
 
 
-@app.command("finetune")
+@app.command("finetune", epilog=CONVENTION)
 def finetune_command(
     cli_context: typer.Context,
     train: str = typer.Argument(..., help="Training relaxation pairs (file, directory, builtin:NAME, ...)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="A YAML file of TrainConfig fields (every "
                                                "setting below, by field name: lr, distill_weight, ...); options "
                                                "given on the command line override it.", rich_help_panel="Data and output"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (best.pt, last.pt, metrics.csv, summary.json).", rich_help_panel="Data and output"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder to write (required): best.pt, last.pt, "
+                                       "metrics.csv, summary.json, config.yaml.", rich_help_panel="Data and output"),
+    out_short: Optional[Path] = typer.Option(None, "-o", hidden=True, help="Old spelling of --out."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split).", rich_help_panel="Data and output"),
-    model: str = typer.Option(DEFAULTS.model, "--model", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint.", rich_help_panel="Model"),
+    model: str = typer.Option(DEFAULTS.model, "--model", "-m", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint.", rich_help_panel="Model"),
     steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max).", rich_help_panel="Training relaxation"),
-    optimizer: str = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer: fire | gd | lbfgs "
-                                  "(lbfgs with --grad implicit only).", rich_help_panel="Training relaxation"),
-    grad: str = typer.Option(DEFAULTS.grad, "--grad", help="full | truncated | checkpoint | implicit | hybrid.", rich_help_panel="Gradient through the relaxation"),
+    optimizer: Literal[OPTIMIZERS] = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer "
+                                                  "(lbfgs with --grad implicit only).", rich_help_panel="Training relaxation"),
+    grad: Literal[GRADS] = typer.Option(DEFAULTS.grad, "--grad", help="How the gradient passes through the "
+                                        "relaxation.", rich_help_panel="Gradient through the relaxation"),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Relaxation step size η: GD step "
                                               "(Å²/eV, default 0.02) or FIRE's initial dt (default 0.1).", rich_help_panel="Training relaxation"),
     learn_step: bool = typer.Option(DEFAULTS.learn_step, "--learn-step", help="Also train the relaxation step size "
                                     "(starting at --step-size).", rich_help_panel="Training relaxation"),
-    start: str = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial structure "
-                              "(the reference method) or at the DFT-relaxed one: initial | relaxed.", rich_help_panel="Training relaxation"),
-    objective: str = typer.Option(DEFAULTS.objective, "--objective",
+    start: Literal[STARTS] = typer.Option(DEFAULTS.start, "--start", help="Training relaxations start at the initial "
+                                          "structure (the reference method) or at the DFT-relaxed one.", rich_help_panel="Training relaxation"),
+    objective: Literal[OBJECTIVES] = typer.Option(DEFAULTS.objective, "--objective",
                                   help="structure+forces (Dq + DFT frames; default) | structure (Dq) | forces (baseline).", rich_help_panel="Objective"),
     forces_mix: float = typer.Option(DEFAULTS.forces_mix, "--forces-mix", help="structure+forces: weight of the DFT-frame "
                                      "energy/force MSE against Dq.", rich_help_panel="Objective"),
@@ -186,7 +210,7 @@ def finetune_command(
                                                   help="Weight of the squared error of each DFT frame's energy "
                                                   "relative to the relaxed frame, next to the force MSE (weight 1). "
                                                   "Default: 0.1, or 1 with --objective forces.", rich_help_panel="Objective"),
-    energy_scale: Optional[str] = typer.Option(None, "--energy-scale",
+    energy_scale: Optional[Literal[ENERGY_SCALES]] = typer.Option(None, "--energy-scale",
                                                help="per-atom ((eV/atom)^2, CHGNet's convention) | total (eV^2: the "
                                                "energy differences between a defect's configurations). Default: "
                                                "total, or per-atom with --objective forces.", rich_help_panel="Objective"),
@@ -212,7 +236,7 @@ def finetune_command(
     retention_check: bool = typer.Option(DEFAULTS.retention_check, "--retention/--no-retention",
                                          help="After training, check best.pt against the pretrained model on the "
                                          "bulk crystals of the training elements (summary.json 'retention').", rich_help_panel="Keeping what the pretrained model knew"),
-    dq_scale: str = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
+    dq_scale: Literal[DQ_SCALES] = typer.Option(DEFAULTS.dq_scale, "--dq-scale", help="absolute (mean Dq) | pretrained (mean of Dq "
                                  "divided by the pretrained model's Dq of each training structure).", rich_help_panel="Objective"),
     epochs: int = typer.Option(DEFAULTS.epochs, "--epochs", help="Epochs.", rich_help_panel="Optimisation and validation"),
     lr: float = typer.Option(DEFAULTS.lr, "--lr", help="AdamW learning rate of the model weights.", rich_help_panel="Optimisation and validation"),
@@ -224,20 +248,23 @@ def finetune_command(
     seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Random seed (data order).", rich_help_panel="Optimisation and validation"),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt; options that differ from the "
                                 "stored run are refused (--epochs and --patience may change).", rich_help_panel="Data and output"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an --out that holds a run: first "
+                                   "deletes its best.pt, last.pt, metrics.csv, summary.json and config.yaml (other "
+                                   "files stay).", rich_help_panel="Data and output"),
     force: bool = typer.Option(False, "--force", help="With --resume: continue with the stored settings even where "
                                "the options given differ.", rich_help_panel="Data and output"),
     fmax: float = typer.Option(DEFAULTS.fmax, "--fmax", help="Convergence of training relaxations (eV/Å).", rich_help_panel="Training relaxation"),
     truncate_steps: int = typer.Option(DEFAULTS.truncate_steps, "--truncate-steps", help="Steps kept by --grad truncated.", rich_help_panel="Gradient through the relaxation"),
     checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, "--checkpoint-every", help="Block length of --grad checkpoint.", rich_help_panel="Gradient through the relaxation"),
     hybrid_steps: int = typer.Option(DEFAULTS.hybrid_steps, "--hybrid-steps", help="Unrolled head of --grad hybrid.", rich_help_panel="Gradient through the relaxation"),
-    hybrid_head: str = typer.Option(DEFAULTS.hybrid_head, "--hybrid-head", help="Head of --grad hybrid: checkpoint | full.", rich_help_panel="Gradient through the relaxation"),
-    val_start: str = typer.Option(DEFAULTS.val_start, "--val-start", help="Validation relaxations start at the initial "
-                                  "or the DFT-relaxed structures (best.pt follows that Dq): initial | relaxed.", rich_help_panel="Optimisation and validation"),
+    hybrid_head: Literal[HYBRID_HEADS] = typer.Option(DEFAULTS.hybrid_head, "--hybrid-head", help="Head of --grad hybrid.", rich_help_panel="Gradient through the relaxation"),
+    val_start: Literal[STARTS] = typer.Option(DEFAULTS.val_start, "--val-start", help="Validation relaxations start at "
+                                              "the initial or the DFT-relaxed structures (best.pt follows that Dq).", rich_help_panel="Optimisation and validation"),
     patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping after N epochs without improvement (0 = off).", rich_help_panel="Optimisation and validation"),
     weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay.", rich_help_panel="Optimisation and validation"),
     grad_clip: float = typer.Option(DEFAULTS.grad_clip, "--grad-clip", help="Gradient-norm clipping per group (0 = off).", rich_help_panel="Optimisation and validation"),
     step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters.", rich_help_panel="Training relaxation"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float64 (default: float64 for sw/lj).", rich_help_panel="Model"),
+    dtype: Optional[Literal[DTYPES]] = typer.Option(None, "--dtype", help="Default: float64 for sw/lj, else float32.", rich_help_panel="Model"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars.", rich_help_panel="Machine"),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP, rich_help_panel="Machine"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default cpu; under torchrun "
@@ -256,6 +283,11 @@ def finetune_command(
     from relaxtune.train import distributed
     from relaxtune.train.finetune import finetune
 
+    if out is not None and out_short is not None and out != out_short:
+        raise UserInputError(f"--out {out} and -o {out_short}: give the run folder once")
+    out = out if out is not None else out_short
+    if out is None:
+        raise UserInputError("--out: missing (the run folder to write: best.pt, last.pt, metrics.csv, ...)")
     use_threads(threads)
     try:  # under torchrun: join the process group (data-parallel over the ranks; see train/distributed.py)
         ctx = distributed.init_from_env(device)
@@ -281,10 +313,15 @@ def finetune_command(
         raise UserInputError(str(exc)) from None
     if config_file is not None:
         config = apply_config_file(config, config_file, given_on_command_line(cli_context))
-    check_run_folder(out, resume)
+    check_model(config.model)
+    check_run_folder(out, resume, overwrite)
     if resume and not force:
         check_resume_options(out, config)
     train_pairs, val_pairs, note = resolve_data(train, val)
+    if overwrite and ctx.is_main:
+        removed = clear_run_folder(out)
+        if removed:
+            typer.echo(f"--overwrite: deleted {', '.join(removed)} of the earlier run in {out}", err=True)
     if ctx.is_main:
         typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})"
                    + (f" on {ctx.world_size} ranks ({ctx.backend})" if ctx.active else ""), err=True)
@@ -296,7 +333,11 @@ def finetune_command(
             summary = finetune(config, train_pairs, val_pairs, out, resume=resume, progress=progress,
                                log=lambda m: typer.echo(m, err=True))
     except ValueError as exc:
-        raise UserInputError(" ".join(str(exc).split())) from None
+        raise UserInputError(one_line(exc)) from None
+    except KeyboardInterrupt:
+        if (out / "last.pt").exists():
+            note_on_abort(f"{out}/last.pt holds the last finished epoch; --resume continues the run")
+        raise
     distributed.shutdown(ctx)
     if not ctx.is_main:
         return

@@ -7,7 +7,8 @@
 The output holds one frame per input structure (in input order): relaxed positions (and cell with --cell),
 energy, forces (and stress with --cell), and in the frame's info ``n_steps``, ``converged``, ``fmax`` and
 ``blew_up`` (next to the input's own info, e.g. ``name``). It is rewritten atomically after every batch, so an
-interrupted run keeps every finished structure; ``--resume`` continues after them.
+interrupted run (Ctrl-C: exit code 130, one line saying how many structures OUTPUT holds) keeps every finished
+structure; ``--resume`` continues after them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, check_writable, use_threads
+from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
+                           deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line, use_threads)
 
 CLASSICAL = {"lj", "sw"}
 
@@ -32,11 +34,15 @@ def read_structures(path: Path, index: str = ":") -> list:
 
     if not path.exists():
         raise UserInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a folder, not a structure file")
+    if not re.fullmatch(r"-?\d+|-?\d*:-?\d*(:-?\d*)?", index.strip()):
+        raise UserInputError(f"--index {index}: not an index of frames (':' all, '-1' the last, '0:10' the "
+                             "first ten, '::2' every other)")
     try:
         frames = read(str(path), index=index)
     except Exception as exc:  # ASE raises many kinds (UnknownFileTypeError, ValueError, StopIteration, ...)
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise UserInputError(f"{path}: cannot read structures: {reason}") from None
+        raise file_error(f"{path}: cannot read structures", exc) from None
     if not isinstance(frames, list):
         frames = [frames]
     if not frames:
@@ -61,13 +67,8 @@ def read_structures(path: Path, index: str = ":") -> list:
 def _load(spec: str, device: str):
     import torch
 
-    from relaxtune.potentials import load_model
-
     dtype = torch.float64 if spec.lower() in CLASSICAL else torch.float32
-    try:
-        model = load_model(spec, dtype=dtype)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserInputError(f"--model {spec}: {' '.join(str(exc).split())}") from None
+    model = load_model_or_fail(spec, dtype)
     return model.to(device).eval(), dtype
 
 
@@ -81,7 +82,7 @@ def finished_structures(output: Path, frames: list) -> list:
     try:
         done = read(str(output), index=":", format="extxyz")
     except Exception as exc:
-        raise UserInputError(f"--resume {output}: cannot read the earlier output: {' '.join(str(exc).split())}") from None
+        raise file_error(f"--resume {output}: cannot read the earlier output", exc) from None
     if len(done) > len(frames) or any(
             list(a.numbers) != list(b.numbers) for a, b in zip(done, frames)):
         raise UserInputError(f"--resume {output}: holds structures that are not the first {len(done)} of the input "
@@ -91,7 +92,7 @@ def finished_structures(output: Path, frames: list) -> list:
 
 def _batch_error(path: Path, offset: int, exc: Exception) -> UserInputError:
     """Map a 'structure k: ...' message from the engine or a model to the file's structure index."""
-    msg = " ".join(str(exc).split())
+    msg = one_line(exc)
     match = re.match(r"structure (\d+):\s*(.*)", msg)
     if match:
         return UserInputError(f"{path}: structure {offset + int(match.group(1))}: {match.group(2)}")
@@ -111,15 +112,17 @@ def _write_atomically(structures: list, output: Path) -> None:
     atomic_write_text(buffer.getvalue(), output)
 
 
-@app.command("relax")
+@app.command("relax", epilog=CONVENTION)
 def relax_cmd(
     input: Path = typer.Argument(..., help="Structures: any ASE-readable file (extxyz, traj, CIF, POSCAR, "
                                  "vasprun.xml, ...), one or many frames."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output extxyz file (overwritten)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output extxyz file (overwritten; rewritten after "
+                                "every batch, so Ctrl-C keeps what is finished)."),
     model: str = typer.Option("chgnet", "--model", "-m", help="chgnet | sevennet | lj | sw | a MACE model file | "
                               "a relaxtune fine-tuned checkpoint (.pt)."),
-    optimizer: str = typer.Option("fire", help="fire (ASE's FIRE) | lbfgs (ASE's L-BFGS: fewer steps near a "
-                                  "minimum) | gd (X <- X + eta F, 0.2 Å cap)."),
+    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="fire (ASE's FIRE), lbfgs (ASE's "
+                                                  "L-BFGS: fewer steps near a minimum) or gd (X <- X + eta F, "
+                                                  "0.2 Å cap)."),
     fmax: float = typer.Option(0.05, min=1e-6, help="Force convergence, eV/Å."),
     max_steps: int = typer.Option(500, min=0, help="Most optimizer steps per structure."),
     cell: bool = typer.Option(False, "--cell", help="Relax the cell too (FrechetCellFilter-like deformation)."),
@@ -132,23 +135,18 @@ def relax_cmd(
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
     resume: bool = typer.Option(False, "--resume", help="Keep the structures OUTPUT already holds (an interrupted "
                                 "run of the same input) and relax the rest."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Relax every structure of INPUT and write the relaxed structures to OUTPUT (extxyz)."""
     import numpy as np
-    import torch
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.stress import full_3x3_to_voigt_6_stress
     from ase.units import GPa
     from tqdm import tqdm
 
     from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.relax import RelaxConfig, relax
-    from relaxtune.relax.loop import OPTIMIZERS
+    from relaxtune.relax import RelaxConfig
     from relaxtune.state import Batch
     from relaxtune.potentials.checkpoint import unseen_species
 
-    if optimizer not in OPTIMIZERS:
-        raise UserInputError(f"--optimizer: must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     check_writable(output, "--output")
     use_threads(threads)
     frames = read_structures(input, index)
@@ -169,7 +167,37 @@ def relax_cmd(
     results = finished_structures(output, frames) if resume else []
     if results:
         typer.echo(f"resuming: {len(results)} of {len(frames)} structures already in {output}", err=True)
-    bar = tqdm(total=len(frames), initial=len(results), unit="structure", desc=f"relax ({net.name})", leave=False)
+    bar = tqdm(total=len(frames), initial=len(results), unit="structure", desc=f"relax ({net.name})", leave=False,
+               disable=not progress)
+    try:
+        _relax_batches(net, config, frames, results, input, output, batch_size, dtype, device, bar)
+    except KeyboardInterrupt:
+        note_on_abort(f"{len(results)} of {len(frames)} structures relaxed are in {output}"
+                      + ("; --resume relaxes the rest" if results else ""))
+        raise
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    steps = np.array([a.info["n_steps"] for a in results])
+    n_conv = sum(a.info["converged"] for a in results)
+    n_blew = sum(a.info["blew_up"] for a in results)
+    mean_steps = float(steps.mean()) if len(steps) else math.nan
+    blew = f", {n_blew} blew up" if n_blew else ""
+    typer.echo(f"relaxed {len(results)} structures with {net.name}: {n_conv} converged (fmax < {fmax} eV/Å){blew}, "
+               f"mean steps {mean_steps:.1f}, wall time {wall:.1f} s -> {output}")
+
+
+def _relax_batches(net, config, frames: list, results: list, input: Path, output: Path, batch_size: int, dtype,
+                   device: str, bar) -> None:
+    """Relax ``frames`` after the ``results`` already finished, appending to ``results`` and rewriting
+    ``output`` after every batch."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from relaxtune.potentials.base import UnsupportedElementError
+    from relaxtune.relax import relax
+    from relaxtune.state import Batch
+
     for offset in range(len(results), len(frames), batch_size):
         chunk = frames[offset: offset + batch_size]
         batch = Batch.from_atoms(chunk, dtype=dtype, device=device)
@@ -181,10 +209,10 @@ def relax_cmd(
         try:
             res = relax(net, batch, config, progress=progress)
         except (ValueError, UnsupportedElementError) as exc:
-            bar.close()
             raise _batch_error(input, offset, exc) from None
         relaxed = res.batch.to_atoms()
         slices = res.batch.system_slices()
+        finished = []
         for k, (src, atoms) in enumerate(zip(chunk, relaxed)):
             atoms.info.update({key: val for key, val in src.info.items() if key not in ("energy", "stress")})
             atoms.info.update(n_steps=int(res.n_steps[k]), converged=bool(res.converged[k]),
@@ -193,15 +221,8 @@ def relax_cmd(
             if res.stress is not None:
                 props["stress"] = full_3x3_to_voigt_6_stress(res.stress[k].detach().cpu().double().numpy())
             atoms.calc = SinglePointCalculator(atoms, **props)
-            results.append(atoms)
-        _write_atomically(results, output)
+            finished.append(atoms)
+        with deferred_interrupt():  # the file and the count in the 'aborted' line agree
+            _write_atomically(results + finished, output)
+            results.extend(finished)
         bar.update(offset + len(chunk) - bar.n)
-    bar.close()
-    wall = time.perf_counter() - start
-    steps = np.array([a.info["n_steps"] for a in results])
-    n_conv = sum(a.info["converged"] for a in results)
-    n_blew = sum(a.info["blew_up"] for a in results)
-    mean_steps = float(steps.mean()) if len(steps) else math.nan
-    blew = f", {n_blew} blew up" if n_blew else ""
-    typer.echo(f"relaxed {len(results)} structures with {net.name}: {n_conv} converged (fmax < {fmax} eV/Å){blew}, "
-               f"mean steps {mean_steps:.1f}, wall time {wall:.1f} s -> {output}")

@@ -10,13 +10,13 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import THREADS_HELP, UserInputError, app, use_threads
+from relaxtune.cli import CONVENTION, THREADS_HELP, UserInputError, app, use_threads
 
 
-@app.command("report")
+@app.command("report", epilog=CONVENTION)
 def report(
     run_dir: Path = typer.Argument(..., help="A fine-tuning run directory (summary.json, metrics.csv, best.pt, last.pt)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write report.md, report.html and the PNGs "
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder for report.md, report.html and the PNGs "
                                        "(default: RUN_DIR/report)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset for the pretrained vs fine-tuned comparison "
                                        "(file, directory or builtin:NAME; default: the run's own dataset)."),
