@@ -233,6 +233,12 @@ def finetune_command(
     anchor_weight: float = typer.Option(DEFAULTS.anchor_weight, "--anchor-weight", min=0.0,
                                         help="L2-SP: λ of λ·|θ - θ0|², a pull of every weight back to its "
                                         "pretrained value (0 = off).", rich_help_panel="Keeping what the pretrained model knew"),
+    distill_project: bool = typer.Option(DEFAULTS.distill_project, "--distill-project/--no-distill-project",
+                                         help="Gradient surgery: drop the part of each step's data gradient that "
+                                         "points against the self-distillation gradient.", rich_help_panel="Keeping what the pretrained model knew"),
+    low_rank: int = typer.Option(DEFAULTS.low_rank, "--low-rank", min=0,
+                                 help="Train a rank-r update of every trainable linear layer (LoRA-style), base "
+                                 "weights fixed; checkpoints hold the merged weights (0 = train the weights).", rich_help_panel="Keeping what the pretrained model knew"),
     retention_check: bool = typer.Option(DEFAULTS.retention_check, "--retention/--no-retention",
                                          help="After training, check best.pt against the pretrained model on the "
                                          "bulk crystals of the training elements (summary.json 'retention').", rich_help_panel="Keeping what the pretrained model knew"),
@@ -307,7 +313,7 @@ def finetune_command(
             fixed_cell_stress=fixed_cell_stress, energy_weight=energy_weight, energy_scale=energy_scale, start=start,
             val_start=val_start, dq_scale=dq_scale, frames_per_structure=frames_per_structure,
             warm_start=warm_start, cg_tol=cg_tol, distill_weight=distill_weight, anchor_weight=anchor_weight,
-            retention_check=retention_check,
+            distill_project=distill_project, low_rank=low_rank, retention_check=retention_check,
         )
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
