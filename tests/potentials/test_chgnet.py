@@ -124,3 +124,10 @@ def test_padded_graph_is_exact_until_atoms_move_half_the_skin():
     torch.testing.assert_close(got.energy, want.energy, rtol=0, atol=1e-9)
     torch.testing.assert_close(got.forces, want.forces, rtol=0, atol=1e-9)
     assert float((old.forces - want.forces).abs().max()) > 1e-4  # without the skin the stale graph is not exact
+
+
+def test_declared_module_roles_name_modules_of_the_network(model):
+    modules = {c for n, _ in model.named_modules() for c in n.split(".")}
+    for role in ("readout_modules", "embedding_modules", "element_embedding_modules"):
+        declared = getattr(model, role)
+        assert declared and set(declared) <= modules, role

@@ -123,3 +123,12 @@ def test_mace_file_with_pt_suffix_is_recognised(mace_file, tmp_path):
     path = tmp_path / "tiny_mace.pt"
     shutil.copy(mace_file, path)
     assert type(load_model(str(path))).__name__ == "MACEModel"
+
+
+@needs_mace
+def test_declared_module_roles_name_modules_of_the_network(mace_file):
+    model = load_model(str(mace_file))
+    modules = {c for n, _ in model.named_modules() for c in n.split(".")}
+    for role in ("readout_modules", "embedding_modules", "element_embedding_modules"):
+        declared = getattr(model, role)
+        assert declared and set(declared) <= modules, role

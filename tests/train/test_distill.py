@@ -8,6 +8,7 @@ import torch
 
 from relaxtune.potentials.classical import SW_SI_1985, StillingerWeber
 from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set, perturbed_copies
+from relaxtune.train.keep_pretrained import drop_conflict
 from relaxtune.data.bulk import bulk_prototypes
 
 
@@ -82,13 +83,8 @@ def test_distillation_and_the_anchor_keep_the_pretrained_lattice_constant(sw_pai
     assert lattice["distill"] < 0.3 * lattice["plain"] and lattice["anchor"] < 0.3 * lattice["plain"]
 
 
-def test_gradient_surgery_removes_only_the_conflicting_component(sw_pairs, tmp_path):
-    from relaxtune.train.config import TrainConfig
-    from relaxtune.train.finetune import Trainer
-
-    trainer = Trainer(TrainConfig(model="sw", dtype="float64", distill_project=True, epochs=1), sw_pairs[:2], [],
-                      tmp_path)
-    params = trainer.model_params
+def test_gradient_surgery_removes_only_the_conflicting_component():
+    params = list(StillingerWeber().parameters())
     gen = torch.Generator().manual_seed(0)
     data = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     keep = [-d + 0.1 * torch.randn(d.shape, generator=gen, dtype=d.dtype) for d in data]  # points against data
@@ -98,7 +94,7 @@ def test_gradient_surgery_removes_only_the_conflicting_component(sw_pairs, tmp_p
 
     for p, d in zip(params, data):
         p.grad = d.clone()
-    trainer._drop_conflict(keep)
+    drop_conflict(params, keep)
     after = [p.grad for p in params]
     assert dot(data, keep) < 0 and abs(dot(after, keep)) < 1e-9 * dot(keep, keep)
     # what is left is the data gradient minus its projection on keep: orthogonal part unchanged
@@ -107,5 +103,5 @@ def test_gradient_surgery_removes_only_the_conflicting_component(sw_pairs, tmp_p
     assert all(torch.allclose(r, scale * k) for r, k in zip(removed, keep))
     for p, d in zip(params, data):  # a gradient that agrees with keep is left alone
         p.grad = d.clone()
-    trainer._drop_conflict([-k for k in keep])
+    drop_conflict(params, [-k for k in keep])
     assert all(torch.equal(p.grad, d) for p, d in zip(params, data))

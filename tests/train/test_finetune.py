@@ -4,14 +4,21 @@ and a short real CHGNet fine-tune on real DFT pairs."""
 import csv
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from swdata import make_cell_relaxation
 
+import relaxtune.train as train_package
+from relaxtune.potentials.chgnet import CHGNetModel
 from relaxtune.potentials.classical import StillingerWeber
+from relaxtune.potentials.mace import MACEModel
+from relaxtune.potentials.sevennet import SevenNetModel
 from relaxtune.train.config import TrainConfig
-from relaxtune.train.finetune import EpochStats, Trainer, finetune, lr_factor, select_trainable
+from relaxtune.train.finetune import Trainer, finetune
+from relaxtune.train.parameters import lr_factor, select_trainable
 
 SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
           eval_fmax=1e-3, objective="structure", val_start="initial", start="initial",
@@ -23,6 +30,15 @@ SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, bat
 
 def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
+
+
+def measure(parts):
+    """An objective's ``StepLoss``, its pieces of loss left undifferentiated."""
+    while True:
+        try:
+            next(parts)
+        except StopIteration as done:
+            return done.value
 
 
 @pytest.mark.parametrize("grad", ["full", "implicit", "hybrid", "checkpoint", "truncated"])
@@ -40,9 +56,10 @@ def test_every_grad_mode_lowers_validation_dq(sw_pairs, tmp_path, grad):
 
 def test_step_size_sets_the_training_relaxation_and_the_learnable_start(sw_pairs, tmp_path):
     gd = Trainer(TrainConfig(**SW, step_size=0.05), sw_pairs[:2], sw_pairs[2:3], tmp_path / "gd", progress=False)
-    assert gd._relax_config().step_size == 0.05
+    assert gd.objectives.relax_config().step_size == 0.05
     fire = TrainConfig(**{**SW, "optimizer": "fire"}, step_size=0.3)
-    assert Trainer(fire, sw_pairs[:2], sw_pairs[2:3], tmp_path / "fire", progress=False)._relax_config().dt == 0.3
+    fire_trainer = Trainer(fire, sw_pairs[:2], sw_pairs[2:3], tmp_path / "fire", progress=False)
+    assert fire_trainer.objectives.relax_config().dt == 0.3
     assert TrainConfig(**SW).relax_step_size == 0.02 and TrainConfig(**{**SW, "optimizer": "fire"}).relax_step_size == 0.1
     learn = Trainer(TrainConfig(**SW, step_size=0.01, learn_step=True), sw_pairs[:2], sw_pairs[2:3],
                     tmp_path / "learn", progress=False)
@@ -113,11 +130,11 @@ def test_structure_plus_forces_adds_each_structures_mean_frame_loss(sw_pairs, tm
     pairs = sw_pairs[:2]
     cfg = TrainConfig(**{**SW, "objective": "structure+forces"}, forces_mix=7.0)
     trainer = Trainer(cfg, pairs, [], tmp_path, progress=False)
-    combined, n_ok, blew = trainer._combined_loss(pairs, EpochStats())
-    structure, _, _ = trainer._structure_loss(pairs, EpochStats())
-    frame_means = [trainer._forces_loss([p], EpochStats())[0] for p in pairs]  # one structure: its frame mean
-    assert n_ok == 2 and not blew.any() and min(frame_means) > 0
-    assert combined == pytest.approx(structure + 7.0 * sum(frame_means), rel=1e-9)
+    combined = measure(trainer.objectives.combined(pairs, epoch=1))
+    structure = measure(trainer.objectives.structure(pairs)).loss_sum
+    frame_means = [measure(trainer.objectives.forces([p])).loss_sum for p in pairs]  # one structure: its frame mean
+    assert combined.n_ok == 2 and not combined.blew.any() and min(frame_means) > 0
+    assert combined.loss_sum == pytest.approx(structure + 7.0 * sum(frame_means), rel=1e-9)
 
 
 def test_structure_plus_forces_objective_lowers_validation_dq(sw_pairs, tmp_path):
@@ -131,9 +148,8 @@ def test_start_relaxed_begins_training_relaxations_at_the_reference_structure(sw
     pairs = sw_pairs[:2]
     stats = {}
     for start in ("initial", "relaxed"):
-        stats[start] = EpochStats()
         trainer = Trainer(TrainConfig(**{**SW, "start": start}), pairs, [], tmp_path / start, progress=False)
-        trainer._structure_loss(pairs, stats[start])
+        stats[start] = measure(trainer.objectives.structure(pairs))
     # from the DFT minimum the model only slides into its own nearby minimum: fewer steps for every structure
     assert all(r < i for r, i in zip(stats["relaxed"].steps, stats["initial"].steps))
     with pytest.raises(ValueError, match="start"):
@@ -176,6 +192,46 @@ def test_select_trainable_chgnet_names():
     assert not any("atom_conv_layers" in n for n in frozen)
     with pytest.raises(ValueError):
         select_trainable(StillingerWeber(), "no_such_parameter")
+
+
+def test_select_trainable_follows_the_modules_the_model_declares():
+    sw = StillingerWeber()  # declares none: readout is the last top-level module with parameters
+    select_trainable(sw, "readout")
+    assert [n for n, p in sw.named_parameters() if p.requires_grad] == ["gamma"]
+    with pytest.raises(ValueError, match="declares no embedding modules"):
+        select_trainable(sw, "freeze-embeddings")
+
+
+def test_training_code_names_no_modules_of_a_model():
+    """Readout and embedding modules are the adapters' to declare (``EnergyModel.readout_modules``, ...)."""
+    declared = {name for cls in (CHGNetModel, SevenNetModel, MACEModel)
+                for role in ("readout_modules", "embedding_modules", "element_embedding_modules")
+                for name in getattr(cls, role)}
+    assert {"mlp", "atom_embedding", "onehot_to_feature_x", "node_embedding"} <= declared
+    for path in Path(train_package.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        assert [n for n in sorted(declared) if re.search(rf"\b{n}\b", text)] == [], path.name
+
+
+@pytest.mark.parametrize("objective, grad", [("structure", "full"), ("structure+forces", "implicit"),
+                                             ("forces", "implicit")])
+def test_objectives_compute_the_loss_and_the_trainer_differentiates_it(sw_pairs, tmp_path, objective, grad):
+    pairs = sw_pairs[:2]
+    trainer = Trainer(TrainConfig(**{**SW, "objective": objective}, grad=grad), pairs, [], tmp_path, progress=False)
+    parts, pieces = trainer.objectives.loss(pairs, epoch=1), []
+    while True:
+        try:
+            pieces.append(next(parts))
+        except StopIteration as done:
+            step = done.value
+            break
+    assert pieces and all(p.grad is None for p in trainer.model_params)  # nothing differentiated yet
+    assert float(sum(pieces).detach()) == pytest.approx(step.total / step.weight, rel=1e-12)
+    expected = torch.autograd.grad(sum(pieces), trainer.model_params)
+    again = trainer._backward(trainer.objectives.loss(pairs, epoch=1))  # the trainer's backward, piece by piece
+    assert again.total == pytest.approx(step.total, rel=1e-12)
+    for p, g in zip(trainer.model_params, expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -227,13 +283,13 @@ def test_summary_has_per_structure_validation_dq(sw_pairs, tmp_path):
 def test_dq_scale_pretrained_divides_each_structures_dq_by_the_pretrained_one(sw_pairs, tmp_path):
     pairs = sw_pairs[:3]
     absolute = Trainer(TrainConfig(**SW), pairs, [], tmp_path / "a", progress=False)
-    per_structure = [absolute._structure_loss([p], EpochStats())[0] for p in pairs]  # pretrained Dq each
+    per_structure = [measure(absolute.objectives.structure([p])).loss_sum for p in pairs]  # pretrained Dq each
     relative = Trainer(TrainConfig(**{**SW, "dq_scale": "pretrained"}, dq_scale_floor=1e-6), pairs, [], tmp_path / "r",
                        progress=False)
-    relative.dq_scale = relative._measure_dq_scale()
-    assert relative.dq_scale == pytest.approx(per_structure, rel=1e-6)
-    loss_sum, n_ok, _ = relative._structure_loss(pairs, EpochStats())
-    assert n_ok == 3 and loss_sum == pytest.approx(3.0, rel=1e-6)  # every structure at its own pretrained Dq
+    relative.state.dq_scale = relative._measure_dq_scale()
+    assert relative.state.dq_scale == pytest.approx(per_structure, rel=1e-6)
+    step = measure(relative.objectives.structure(pairs))
+    assert step.n_ok == 3 and step.loss_sum == pytest.approx(3.0, rel=1e-6)  # every structure at its own pretrained Dq
     floored = Trainer(TrainConfig(**{**SW, "dq_scale": "pretrained"}, dq_scale_floor=10.0), pairs, [], tmp_path / "f",
                       progress=False)
     assert floored._measure_dq_scale() == [10.0] * 3
@@ -249,7 +305,7 @@ def test_dq_scale_pretrained_trains_and_resumes_with_the_stored_scales(sw_pairs,
     assert len(stored) == 4 and min(stored) > 0
     resumed = Trainer(cfg.replace(epochs=3), sw_pairs[:4], sw_pairs[4:], tmp_path, progress=False)
     resumed._restore(tmp_path / "last.pt")
-    assert resumed.dq_scale == pytest.approx(stored)
+    assert resumed.state.dq_scale == pytest.approx(stored)
 
 
 def test_a_stored_config_that_predates_a_field_keeps_the_old_behaviour():
@@ -305,9 +361,9 @@ def test_default_objective_trains_on_dq_alone_when_pairs_carry_no_dft_energies(t
     assert not any(dft_frames(p) for p in pairs)  # bare structures: no DFT frame to fit
     assert TrainConfig().objective == "structure+forces"
     trainer = Trainer(TrainConfig(**{**SW, "objective": "structure+forces"}), pairs, [], tmp_path, progress=False)
-    combined, n_ok, _ = trainer._combined_loss(pairs, EpochStats())
-    structure, _, _ = trainer._structure_loss(pairs, EpochStats())
-    assert n_ok == 2 and combined == pytest.approx(structure, rel=1e-9)
+    combined = measure(trainer.objectives.combined(pairs, epoch=1))
+    structure = measure(trainer.objectives.structure(pairs))
+    assert combined.n_ok == 2 and combined.loss_sum == pytest.approx(structure.loss_sum, rel=1e-9)
 
 
 def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_path):
@@ -322,7 +378,7 @@ def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_
     for weight in (0.0, 1.0):
         cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=weight)
         trainer = Trainer(cfg, [pair], [], tmp_path / str(weight), progress=False)
-        terms[weight] = trainer._frame_terms(frames[-1], frames)
+        terms[weight] = trainer.frames.terms(frames[-1], frames)
     model_stress = []
     for frame in frames:  # the untuned SW's stress, through ASE
         atoms = frame.copy()
@@ -336,14 +392,14 @@ def test_frames_with_a_dft_stress_add_a_stress_term_with_a_correct_gradient(tmp_
                       force_weight=0.0)
     trainer = Trainer(cfg, [pair], [], tmp_path / "fd", progress=False)
     sigma = trainer.model.sigma
-    loss = trainer._frame_terms(frames[-1], frames).sum()
+    loss = trainer.frames.terms(frames[-1], frames).sum()
     (grad,) = torch.autograd.grad(loss, sigma)
     h = 1e-6
     with torch.no_grad():
         values = []
         for step in (h, -h):
             sigma.add_(step)
-            values.append(float(trainer._frame_terms(frames[-1], frames).sum()))
+            values.append(float(trainer.frames.terms(frames[-1], frames).sum()))
             sigma.sub_(step)
     assert float(grad) == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
 
@@ -362,8 +418,8 @@ def test_a_stress_on_the_relaxed_frame_only_enters_that_frame(tmp_path):
     for weight in (0.0, 1.0):
         cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, stress_weight=weight)
         trainer = Trainer(cfg, [pair], [], tmp_path / str(weight), progress=False)
-        terms[weight] = trainer._frame_terms(frames[-1], mixed).detach().numpy()
-        full = trainer._frame_terms(frames[-1], frames).detach().numpy()
+        terms[weight] = trainer.frames.terms(frames[-1], mixed).detach().numpy()
+        full = trainer.frames.terms(frames[-1], frames).detach().numpy()
     diff = terms[1.0] - terms[0.0]
     assert diff[0] == 0.0 and diff[1] > 0.1  # GPa^2: the untuned SW has another lattice constant
     np.testing.assert_allclose(terms[1.0][1], full[1], rtol=1e-10)  # as when every frame has a stress
@@ -384,8 +440,8 @@ def test_fixed_cell_stress_is_fitted_only_when_asked(tmp_path):
             trainer = Trainer(cfg, [cell_pair], [], tmp_path / f"{opt_in}{weight}", progress=False)
             for pair in (cell_pair, fixed_pair):
                 totals[opt_in, weight, pair.name] = sum(
-                    float(trainer._frame_terms(ref, frames, use_stress).sum())
-                    for _, ref, frames, _, use_stress in trainer._frame_chunks([pair]))
+                    float(trainer.frames.terms(ref, frames, use_stress).sum())
+                    for _, ref, frames, _, use_stress in trainer.frames.chunks([pair]))
     assert totals[False, 1.0, "fixed"] == totals[False, 0.0, "fixed"]
     assert totals[True, 1.0, "fixed"] > totals[True, 0.0, "fixed"] + 0.1
     for opt_in in (False, True):
@@ -411,7 +467,7 @@ def test_energy_scale_total_fits_the_relative_energy_in_eV_not_per_atom(tmp_path
         cfg = TrainConfig(**{**SW, "objective": "forces", "start": "relaxed"}, force_weight=0.0, stress_weight=0.0,
                           energy_scale=scale)
         trainer = Trainer(cfg, [pair], [], tmp_path / scale, progress=False)
-        terms[scale] = trainer._frame_terms(frames[-1], frames).detach().numpy()
+        terms[scale] = trainer.frames.terms(frames[-1], frames).detach().numpy()
     assert terms["total"][0] == pytest.approx(error**2, rel=1e-6)
     assert terms["per-atom"][0] == pytest.approx((error / n_atoms) ** 2, rel=1e-6)
     assert terms["total"][-1] == pytest.approx(0.0, abs=1e-20)  # the relaxed frame is the energy reference

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 
 from relaxtune.state import Batch
 
@@ -27,6 +28,13 @@ class EnergyModel(torch.nn.Module):
     name: str = "model"
     #: atomic numbers the model knows; ``None`` means any.
     supported_numbers: frozenset[int] | None = None
+    #: Module names (components of parameter names) by role, for what fine-tuning trains and how fast: the
+    #: readout (``train_params="readout"``; none declared: the last top-level module with parameters), the
+    #: embeddings and basis expansions (``"freeze-embeddings"`` freezes them) and the per-element embeddings,
+    #: a row or block per element (``embedding_lr``). Each adapter names its own network's modules.
+    readout_modules: tuple[str, ...] = ()
+    embedding_modules: tuple[str, ...] = ()
+    element_embedding_modules: tuple[str, ...] = ()
 
     def prepare(self, batch: Batch) -> Any:
         """Topology kept fixed for one unroll (neighbor list, graphs). Called on a detached batch."""
@@ -40,8 +48,6 @@ class EnergyModel(torch.nn.Module):
         """Raise ``UnsupportedElementError`` naming the structure and element the model cannot handle."""
         if self.supported_numbers is None:
             return
-        from ase.data import chemical_symbols
-
         for k, sl in enumerate(batch.system_slices()):
             for z in set(batch.numbers[sl].tolist()) - set(self.supported_numbers):
                 raise UnsupportedElementError(

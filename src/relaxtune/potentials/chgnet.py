@@ -62,6 +62,11 @@ class CHGNetModel(EnergyModel):
 
     name = "chgnet"
     supported_numbers = frozenset(range(1, 95))
+    # children of ``chgnet.model.CHGNet`` (held as ``self.model``)
+    readout_modules = ("mlp", "readout_norm")
+    embedding_modules = ("atom_embedding", "bond_basis_expansion", "bond_embedding", "bond_weights_ag",
+                         "bond_weights_bg", "angle_basis_expansion", "angle_embedding", "composition_model")
+    element_embedding_modules = ("atom_embedding",)
 
     def __init__(self, model=None, *, model_name: str = "0.3.0", dtype: torch.dtype = torch.float32,
                  skin: float = DEFAULT_SKIN):

@@ -48,6 +48,10 @@ class MACEModel(EnergyModel):
     """A MACE model (path or module) with energies differentiable in positions, cell and parameters."""
 
     name = "mace"
+    # children of ``mace.modules.MACE`` (held as ``self.model``)
+    readout_modules = ("readouts",)
+    embedding_modules = ("node_embedding", "radial_embedding", "atomic_energies_fn")
+    element_embedding_modules = ("node_embedding",)
 
     def __init__(self, model: str | Path | torch.nn.Module, *, head: str | None = None,
                  dtype: torch.dtype = torch.float32, skin: float = 0.5):

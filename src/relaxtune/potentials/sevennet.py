@@ -51,6 +51,10 @@ class SevenNetModel(EnergyModel):
     """
 
     name = "sevennet"
+    # modules of SevenNet's ``AtomGraphSequential`` (held as ``self.net``)
+    readout_modules = ("reduce_input_to_hidden", "reduce_hidden_to_energy", "rescale_atomic_energy")
+    embedding_modules = ("edge_embedding", "onehot_to_feature_x")
+    element_embedding_modules = ("onehot_to_feature_x",)
 
     def __init__(self, model="7net-0", *, dtype: torch.dtype = torch.float32, skin: float = 0.5):
         super().__init__()

@@ -4,15 +4,16 @@
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m relaxtune finetune ...
 
 Every rank runs the same trainer loop on the same data order (seeded by (seed, epoch)); each global mini-batch
-of ``batch_size`` structures is dealt out over the ranks (``batch[rank::world_size]``) and every rank relaxes
-only its share. After the local backward, the gradients are summed over the ranks (one all-reduce per dtype)
-and divided by the global number of structures that entered the loss, so the step equals the single-process
-step on the whole batch even when the shares are unequal or empty (loss averaged over the global batch, not
-an average of per-rank averages); blow-up retries and skipped batches are decided on the reduced values, so
-every rank takes the same decision. Validation and ``relaxtune evaluate`` spread their structures the same way
-and gather the per-structure rows, so the metrics equal a one-process run. Rank 0 alone writes checkpoints,
-``metrics.csv``, ``summary.json``, progress and logs; ``--resume`` makes every rank load ``last.pt`` (it must
-be on a file system all nodes see).
+of ``batch_size`` structures is dealt out over the ranks (``batch[rank::world_size]``) and every rank runs the
+trainer's optimizer step (``Trainer._step``) on its share. After the local backward, the gradients are summed
+over the ranks (one all-reduce per dtype) and divided by the global number of structures (or DFT frames) that
+entered the loss, so the step equals the single-process step on the whole batch even when the shares are
+unequal or empty (loss averaged over the global batch, not an average of per-rank averages). Blow-up retries
+and skipped batches are decided on the reduced values, and a rank whose share raised reports it in the same
+reduction, so every rank takes the same decision and none waits for another. Validation and ``relaxtune
+evaluate`` spread their structures the same way and gather the per-structure rows, so the metrics equal a
+one-process run. Rank 0 alone writes checkpoints, ``metrics.csv``, ``summary.json``, progress and logs;
+``--resume`` makes every rank load ``last.pt`` (it must be on a file system all nodes see).
 
 Why not ``DistributedDataParallel``: DDP itself handles the double backward of the relaxation fine (measured,
 torch 2.13, gloo, Stillinger-Weber: DDP's gradients equal the all-reduced ones to 0 for grad full, checkpoint,
@@ -32,6 +33,7 @@ overrides it. Outside ``torchrun`` (no ``WORLD_SIZE`` > 1) nothing here changes 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +42,13 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from relaxtune.potentials.checkpoint import read_checkpoint
+from relaxtune.evaluate import Evaluation, evaluate, summarize
+from relaxtune.potentials import load_model
+from relaxtune.potentials.checkpoint import DTYPES, read_checkpoint
 from relaxtune.train.config import TrainConfig
-from relaxtune.train.finetune import EpochStats, Trainer
+from relaxtune.train.finetune import Trainer
+from relaxtune.train.history import EpochStats
+from relaxtune.train.step_loss import StepLoss
 
 T = TypeVar("T")
 
@@ -200,8 +206,6 @@ def parameters_in_sync(params: Sequence[torch.Tensor], ctx: DistContext) -> bool
 def evaluate_distributed(model, pairs: Sequence, ctx: DistContext, **kwargs):
     """``relaxtune.evaluate.evaluate`` with the structures dealt out over the ranks; every rank returns the
     same ``Evaluation`` (rows in the order of ``pairs``, metrics summarised over all of them)."""
-    from relaxtune.evaluate import Evaluation, evaluate, summarize
-
     if not ctx.active:
         return evaluate(model, pairs, **kwargs)
     if not ctx.is_main:
@@ -220,23 +224,12 @@ def evaluate_distributed(model, pairs: Sequence, ctx: DistContext, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- training
-@dataclass
-class _Local:
-    """One rank's pass over its share: loss sum (reported), structures used, blow-up mask, gradient weight
-    (what the local loss was divided by before backward) and the reported loss before normalisation."""
-
-    loss_sum: float
-    n_ok: int
-    blew: torch.Tensor
-    weight: float
-    total: float
-
-
 class DistributedTrainer(Trainer):
     """The trainer with each global mini-batch relaxed by all ranks together (see the module docstring).
 
-    Every rank keeps the full trainer state (same weights, optimizer, history, early stopping); rank 0 alone
-    writes files and logs.
+    Every rank keeps the full trainer state (same weights, optimizer, history, early stopping) and runs the
+    trainer's own optimizer step on its share of each batch (``_share``); ``_combine`` makes the gradients and
+    counts those of the whole batch, so every rank takes the same decisions. Rank 0 alone writes files and logs.
     """
 
     def __init__(self, config, train, val, out_dir, *, ctx: DistContext, model=None, progress: bool = True,
@@ -266,7 +259,7 @@ class DistributedTrainer(Trainer):
             super()._write_summary(summary)
 
     # -------------------------------------------------------------- evaluation (validation, dq_scale)
-    def _evaluate(self, pairs: Sequence, **kwargs: Any):
+    def _evaluate(self, pairs: Sequence, **kwargs: Any) -> Evaluation:
         return evaluate_distributed(self.model, pairs, self.ctx, **kwargs)
 
     # -------------------------------------------------------------- epoch statistics
@@ -281,76 +274,31 @@ class DistributedTrainer(Trainer):
         return super()._record(epoch, stats, val, seconds)
 
     # -------------------------------------------------------------- one optimizer step
-    def _local_pass(self, fn, pairs: Sequence, stats: EpochStats) -> _Local:
-        """Relax (or evaluate frames of) this rank's share and backward its local loss."""
-        if not pairs:
-            return _Local(0.0, 0, torch.zeros(0, dtype=torch.bool), 0.0, 0.0)
-        loss_sum, n_ok, blew = fn(pairs, stats)
-        if self.config.objective != "forces":  # a mean over structures
-            weight, total = float(n_ok), float(loss_sum)
-        else:  # forces: the local loss was the mean over this share's DFT frames
-            n_frames = sum(len(self._dft_frames(p)) for p in pairs)
-            weight = float(n_frames) if n_ok else 0.0
-            total = float(loss_sum) * n_frames / n_ok if n_ok else 0.0
-        return _Local(float(loss_sum), int(n_ok), blew.to(torch.bool).cpu(), weight, total)
+    def _share(self, pairs: Sequence) -> list:
+        return shard(pairs, self.ctx)
 
-    def _global_loss(self, tot: list[float]) -> float:
-        """The loss sum the single-process trainer would report for the whole batch."""
-        loss_sum, n_ok, weight, total = tot[0], tot[1], tot[2], tot[3]
-        if self.config.objective != "forces":
-            return loss_sum
-        return total / weight * n_ok if weight else 0.0
-
-    def _share_warm_starts(self) -> None:
-        """Give every rank the warm starts (relaxed positions, implicit solutions) of the structures any rank
-        relaxed in this step: next epoch another rank may relax them, from the same start as one process would."""
-        fresh = {i: (self.minima.get(i), self.cg_solutions.get(i)) for i in self._fresh}
-        self._fresh.clear()
-        for part in all_gather_objects(fresh, self.ctx):
-            for i, (positions, solution) in part.items():
-                if positions is not None:
-                    self.minima[i] = positions
-                if solution is not None:
-                    self.cg_solutions[i] = solution
-
-    def _step(self, pairs: Sequence, stats: EpochStats) -> None:
-        if not self.ctx.active:
-            return super()._step(pairs, stats)
+    def _combine(self, step: StepLoss) -> StepLoss:
+        """The whole batch's loss from every rank's ``step`` (every rank calls this once per attempt, also after
+        an error). Gradients: each rank's (of its loss divided by ``weight``) times ``weight``, summed over the
+        ranks and divided by the global weight, i.e. the mean over the whole batch as one process takes it, even
+        for unequal or empty shares. Counts are summed, CG iterations the max (one batched solve), errors
+        gathered, and the warm starts of this step shared (another rank may relax a structure next epoch)."""
         ctx = self.ctx
+        if not ctx.active:
+            return step
         params = self.model_params + self.relax_params
-        fn = self._loss_fn()
-        mine = shard(pairs, ctx)
-
-        def run(share, st):
-            self.optimizer.zero_grad(set_to_none=True)
-            before = st.cg_iterations
-            loc = self._local_pass(fn, share, st)
-            cg = st.cg_iterations - before  # CG iterations of one batched solve: the max over the ranks
-            st.cg_iterations = before
-            reduce_gradients(params, ctx, scale=loc.weight)  # grad of the local loss *sum*, summed over ranks
-            tot = all_reduce_sum([loc.loss_sum, loc.n_ok, loc.weight, loc.total, int(loc.blew.sum())], ctx)
-            cg_max = all_reduce_sum([cg], ctx, op=dist.ReduceOp.MAX)[0]
-            self._share_warm_starts()
-            return loc, tot, cg_max
-
-        loc, tot, cg = run(mine, stats)
-        stats.cg_iterations += int(cg)
-        stats.skipped_structures += int(tot[4])
-        if tot[1] and not self._grads_finite() and tot[4] > 0:
-            # NaNs of a blown-up structure can leak into the shared gradient (0 * inf): every rank retries
-            # without its blown-up structures (a rank without any recomputes the same, finite, share)
-            kept = [p for p, b in zip(mine, loc.blew.tolist()) if not b]
-            loc, tot, _ = run(kept, EpochStats())
-            stats.skipped_structures += int(tot[4])
-        if tot[1] == 0 or tot[2] == 0 or not self._grads_finite():
-            self.optimizer.zero_grad(set_to_none=True)
-            stats.skipped_batches += 1
-            self.scheduler.step()
-            return
-        for p in params:
-            if p.grad is not None:
-                p.grad = p.grad / tot[2]
-        self._update(stats, self._global_loss(tot), int(tot[1]))
+        reduce_gradients(params, ctx, scale=step.weight)
+        total, n_ok, weight, n_blew, failed = all_reduce_sum(
+            [step.total, step.n_ok, step.weight, step.n_blew, step.error is not None], ctx)
+        cg_iterations = all_reduce_sum([step.cg_iterations], ctx, op=dist.ReduceOp.MAX)[0]
+        for fresh in all_gather_objects(self.state.warm.take_fresh(), ctx):
+            self.state.warm.merge(fresh)
+        errors = [e for e in all_gather_objects(step.error, ctx) if e] if failed else []
+        if weight > 0:
+            for p in params:
+                p.grad = p.grad / weight
+        return dataclasses.replace(step, total=total, n_ok=int(n_ok), weight=weight, n_blew=int(n_blew),
+                                   cg_iterations=int(cg_iterations), error="; ".join(errors) or None)
 
 
 def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | Path, ctx: DistContext, *,
@@ -369,9 +317,7 @@ def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | 
         stored = TrainConfig.from_dict(read_checkpoint(out / "last.pt")["config"])
         config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
     if model is None:
-        from relaxtune.potentials import load_model
-
-        model = load_model(config.model, dtype={"float32": torch.float32, "float64": torch.float64}[config.dtype])
+        model = load_model(config.model, dtype=DTYPES[config.dtype])
     model = model.to(ctx.device)
     broadcast_module(model, ctx)
     trainer = DistributedTrainer(config, train, val, out, ctx=ctx, model=model, progress=progress,
