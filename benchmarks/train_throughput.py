@@ -80,7 +80,8 @@ def _wrap(owner, attr: str, clock: Clock, part: str) -> bool:
     return True
 
 
-#: (owner attribute, part) pairs, innermost last; a name a commit lacks is skipped
+#: (owner attribute, part) pairs of the trainer before its split into modules, innermost last; a name a commit
+#: lacks is skipped, so that ``--against`` can time an older commit too
 TARGETS = (
     ("Trainer._combined_loss", "frames"),  # minus the structure part nested in it: the frame terms
     ("Trainer._frame_loss", "frames"),
@@ -92,21 +93,66 @@ TARGETS = (
 )
 
 
+def _instrument_split_trainer(clock: Clock) -> list[str]:
+    """The trainer split into objectives: the objective yields loss pieces that ``Trainer._backward``
+    backpropagates. The structure piece comes first (its forward relaxation nested as ``relax forward``, the
+    rest of it and its backward: ``relax backward``); every later piece is a chunk of DFT frames (``frames``)."""
+    import relaxtune.train.finetune as finetune
+    import relaxtune.train.objectives as objectives
+    from relaxtune.train.keep_pretrained import KeepPretrained
+
+    wrapped = []
+    if _wrap(objectives, "relax_for_training", clock, "relax forward"):
+        wrapped.append("relaxtune.train.objectives.relax_for_training")
+    if _wrap(KeepPretrained, "add_gradients", clock, "keep pretrained"):
+        wrapped.append("KeepPretrained.add_gradients")
+    for name in ("validate", "_measure_dq_scale"):
+        if _wrap(finetune.Trainer, name, clock, "validation"):
+            wrapped.append(f"Trainer.{name}")
+
+    def backward(parts):
+        part = "relax backward" if _structure_first[0] else "frames"
+        while True:
+            with clock.part(part):
+                try:
+                    piece = next(parts)
+                except StopIteration as done:
+                    return done.value
+                if piece.requires_grad:
+                    piece.backward()
+            part = "frames"
+
+    _structure_first = [True]
+    original_loss = objectives.Objectives.loss
+
+    def loss(self, pairs, epoch):
+        _structure_first[0] = self.config.objective != "forces"
+        return original_loss(self, pairs, epoch)
+
+    objectives.Objectives.loss = loss
+    finetune.Trainer._backward = staticmethod(backward)
+    wrapped.append("Trainer._backward")
+    return wrapped
+
+
 def instrument(clock: Clock) -> list[str]:
     """Wrap the trainer's pieces and count model calls; returns what could be wrapped."""
     import relaxtune.relax.implicit as implicit
     import relaxtune.train.finetune as finetune
     from relaxtune.potentials.base import EnergyModel
 
-    wrapped = []
-    for target, part in TARGETS:
-        if target.startswith("Trainer."):
-            if _wrap(finetune.Trainer, target.split(".", 1)[1], clock, part):
-                wrapped.append(target)
-        else:
-            for module in (implicit, finetune):  # wherever the trainer imports it from
-                if _wrap(module, target, clock, part):
-                    wrapped.append(f"{module.__name__}.{target}")
+    try:
+        wrapped = _instrument_split_trainer(clock)
+    except ImportError:  # a commit before the trainer's split: its methods by name
+        wrapped = []
+        for target, part in TARGETS:
+            if target.startswith("Trainer."):
+                if _wrap(finetune.Trainer, target.split(".", 1)[1], clock, part):
+                    wrapped.append(target)
+            else:
+                for module in (implicit, finetune):  # wherever the trainer imports it from
+                    if _wrap(module, target, clock, part):
+                        wrapped.append(f"{module.__name__}.{target}")
     for cls in _subclasses(EnergyModel):
         if "energy" not in vars(cls):
             continue
@@ -163,7 +209,8 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         trainer.run(resume=True, stop_after_epoch=args.epochs)
         total = time.perf_counter() - t0
-        rows = [row for row in trainer.history if row["epoch"] > 0]
+        history = trainer.state.history.rows if hasattr(trainer, "state") else trainer.history
+        rows = [row for row in history if row["epoch"] > 0]
         epoch_times = [row["time_s"] for row in rows]
     known = sum(v for k, v in clock.seconds.items() if k != "other")
     clock.seconds["other"] = max(total - known, 0.0)
@@ -221,7 +268,7 @@ def compare(args: argparse.Namespace) -> None:
     """Both sides in fresh processes, alternating; per-repeat ratios of structures/s and their median."""
     import statistics
 
-    sides = {"this": None, "against": args.against}
+    sides = {"this": args.src, "against": args.against}
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):

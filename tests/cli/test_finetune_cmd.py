@@ -4,12 +4,15 @@ uninterrupted run ends."""
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import typing
 
 import pytest
 import torch
@@ -17,6 +20,9 @@ import torch
 from swdata import write_sw_dataset
 
 from helpers import run_cli as run
+
+from relaxtune.cli.finetune_cmd import CONFIG_FILE_ONLY, CONFIG_FIELDS, finetune_command
+from relaxtune.train.config import TrainConfig
 
 SW_ARGS = ["--model", "sw", "--optimizer", "gd", "--steps", "300", "--fmax", "0.001", "--batch-size", "2",
            "--lr", "0.003", "--objective", "structure", "--no-progress", "--distill-weight", "0", "--no-retention"]
@@ -238,3 +244,40 @@ def test_ctrl_c_says_where_the_run_can_be_resumed(monkeypatch, capsys, dataset, 
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS)
     assert code == 130
     assert err.strip().splitlines()[-1] == f"aborted: {out}/last.pt holds the last finished epoch; --resume continues the run"
+
+
+def test_every_setting_is_an_option_with_the_librarys_default_or_named_as_config_file_only():
+    params = {name: p.default for name, p in inspect.signature(finetune_command).parameters.items()}
+    options = CONFIG_FIELDS & set(params)
+    assert options | CONFIG_FILE_ONLY == CONFIG_FIELDS and not options & CONFIG_FILE_ONLY
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # None: resolved by the config
+    for name in options - {"dtype"}:  # dtype: None on the command line, then the model's (float64 for sw/lj)
+        assert params[name].default == defaults[name], name
+
+
+def test_choices_in_help_are_the_ones_the_config_accepts():
+    hints = typing.get_type_hints(finetune_command)
+    for name in ("objective", "grad", "start", "val_start", "optimizer", "hybrid_head", "dq_scale", "energy_scale",
+                 "dtype"):
+        hint = hints[name]
+        if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        choices = typing.get_args(hint)
+        assert choices, name
+        for value in choices:
+            TrainConfig(**{name: value})  # every listed choice is accepted
+        with pytest.raises(ValueError):
+            TrainConfig(**{name: "no-such-choice"})
+
+
+def test_a_config_file_only_setting_is_read_from_the_config_file(monkeypatch, capsys, dataset, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("eval_max_steps: 7\nschedule: constant\n")
+    out = tmp_path / "run"
+    code, _, stderr = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS, "--epochs", "1",
+                          "--config", config)
+    assert code == 0, stderr
+    import yaml
+
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["eval_max_steps"] == 7 and written["schedule"] == "constant"

@@ -22,6 +22,7 @@ from typing import Literal, Optional
 
 import typer
 
+from relaxtune.atomic import atomic_write_text
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
                            check_writable, deferred_interrupt, file_error, load_model_or_fail, note_on_abort,
                            use_threads)
@@ -124,7 +125,6 @@ def evaluate_command(
                    f"{'' if r['converged'] else '  (not converged)'}", err=True)
     typer.echo(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     if json_path is not None:
-        from relaxtune.train.checkpoint import atomic_write_text
 
         atomic_write_text(json.dumps({**metrics, "partial": False, "rows": result.rows}, indent=2) + "\n", json_path)
 
@@ -135,7 +135,6 @@ def evaluate_as_it_goes(net, pairs: list, settings: dict, json_path: Optional[Pa
     from tqdm import tqdm
 
     from relaxtune.evaluate import Evaluation, _chunks, evaluate, summarize
-    from relaxtune.train.checkpoint import atomic_write_text
 
     rows: list = []
     metrics: dict = {}
@@ -165,7 +164,6 @@ def retention_command(model: str, data: Optional[str], split: Optional[str], jso
     from relaxtune.data import DataError, load_pairs
     from relaxtune.retention import retention, retention_lines
     from relaxtune.potentials.checkpoint import base_model_spec
-    from relaxtune.train.checkpoint import atomic_write_text
     from relaxtune.data.pairs import dft_frames
 
     try:

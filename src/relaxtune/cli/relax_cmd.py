@@ -21,6 +21,7 @@ from typing import Literal, Optional
 
 import typer
 
+from relaxtune.atomic import atomic_write_text
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
                            deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line, use_threads)
 
@@ -105,7 +106,6 @@ def _write_atomically(structures: list, output: Path) -> None:
 
     from ase.io import write
 
-    from relaxtune.train.checkpoint import atomic_write_text
 
     buffer = io.StringIO()
     write(buffer, structures, format="extxyz")

@@ -8,7 +8,6 @@ from its files, so it stays true as relaxations arrive (``relaxtune data datashe
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from relaxtune.atomic import atomic_write_text
 from relaxtune.data.load import load_pairs
 from relaxtune.data.pairs import DataWarning, RelaxationPair, frame_stress, read_splits_file
 from relaxtune.data.registry import DATASETS, REFERENCE_LEVEL, BuiltinDataset, parse_builtin
@@ -253,9 +253,4 @@ def write_datasheet(name: str) -> Path:
     """Write ``DATASHEET.md`` into a shipped dataset's folder (atomically) and return its path."""
     ds, _ = parse_builtin(name)
     text = datasheet(name)
-    ds.directory.mkdir(parents=True, exist_ok=True)
-    path = ds.directory / "DATASHEET.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(text, ds.directory / "DATASHEET.md")

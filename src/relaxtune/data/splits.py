@@ -8,12 +8,12 @@ one for user data: the same groups, seed and fractions always give the same spli
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from relaxtune.atomic import atomic_write_text
 from relaxtune.data.pairs import DataError, RelaxationPair, read_splits_file
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -34,10 +34,7 @@ def write_splits(path: str | Path, split: Mapping[str, Sequence[str]]) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "splits.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({k: list(v) for k, v in split.items()}, indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(json.dumps({k: list(v) for k, v in split.items()}, indent=1) + "\n", path)
 
 
 def split_pairs(pairs: Sequence[RelaxationPair], split: Mapping[str, Sequence[str]] | str | Path | None = None

@@ -10,7 +10,6 @@ files of another level are never mixed with a run's own.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
+
+from relaxtune.atomic import atomic_write, atomic_write_text
 
 
 def finished_path(out_dir: Path, name: str) -> Path:
@@ -44,17 +45,13 @@ def snapshot(atoms: Atoms, with_stress: bool) -> Atoms:
 
 
 def write_frames(path: Path, frames: list[Atoms]) -> None:
-    """Write an extxyz trajectory atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp, frames, format="extxyz")
-    os.replace(tmp, path)
+    """Write an extxyz trajectory atomically."""
+    atomic_write(path, lambda fh: write(fh, frames, format="extxyz"))
 
 
 def write_failure(out_dir: Path, name: str, record: dict) -> None:
     """Write ``NAME.failed.json`` atomically."""
-    tmp = out_dir / f".{name}.failed.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, failed_path(out_dir, name))
+    atomic_write_text(json.dumps(record, indent=1), failed_path(out_dir, name))
 
 
 def same_structure(a: Atoms, b: Atoms, tol: float = 1e-6) -> bool:

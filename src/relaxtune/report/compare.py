@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from relaxtune.atomic import atomic_write_text
 from relaxtune.data import DataError, load_pairs
 from relaxtune.evaluate import evaluate
 from relaxtune.potentials import load_checkpoint_model, load_model
 from relaxtune.potentials.checkpoint import DTYPES
 from relaxtune.report.run import RunInfo, infer_data_spec
-from relaxtune.train.checkpoint import atomic_write_text
 
 REPORT_DATA = "report_data.json"
 #: bumped when the cached rows change meaning (2: rows from evaluate(): cell free, start, cell errors)

@@ -1,4 +1,4 @@
-"""Writing fine-tuning checkpoints: atomic writes, RNG states, the learned relaxation parameters.
+"""Writing fine-tuning checkpoints: RNG states, the learned relaxation parameters.
 
 A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read (tensors, numbers, strings, lists,
 dicts; no pickled classes), so loading a file never runs code from it:
@@ -13,13 +13,12 @@ dicts; no pickled classes), so loading a file never runs code from it:
     ``resume`` needs to continue a killed run to the same result.
 
 Reading a checkpoint back as a model lives with the models (``relaxtune.potentials.checkpoint``, and
-``relaxtune.potentials.load_model``), so that loading a model never imports training code. Files are written to a temporary name in the same directory, flushed to disk, then renamed over the target
-(``os.replace``), so a run killed mid-write leaves the previous checkpoint intact.
+``relaxtune.potentials.load_model``), so that loading a model never imports training code. Files are written
+atomically (``relaxtune.atomic``), so a run killed mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,43 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from relaxtune.atomic import atomic_save, atomic_write_text
 from relaxtune.potentials.checkpoint import FORMAT, VERSION, read_checkpoint
 from relaxtune.relax import StepParameters
 
 __all__ = ["FORMAT", "VERSION", "atomic_save", "atomic_write_text", "load_checkpoint_step_params", "rng_state",
            "set_rng_state"]
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically (temporary file in the same folder + fsync + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically (same recipe as ``atomic_save``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_checkpoint_step_params(path: str | Path):

@@ -86,7 +86,7 @@ class TrainConfig:
     warm_start: bool = True
     step_lr: float = 1e-2
     # optimisation
-    epochs: int = 20
+    epochs: int = 15
     batch_size: int = 4
     lr: float = 1e-3
     embedding_lr: float | None = None
@@ -114,7 +114,7 @@ class TrainConfig:
     distill_weight: float = 10.0  # weight of the self-distillation term (0 = off)
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
-    distill_project: bool = False  # remove from the data gradient its component against the distillation's
+    distill_project: bool = True  # remove from the data gradient its component against the distillation's
     low_rank: int = 0  # > 0: train a rank-r update B·A of each trainable linear layer, base weights fixed
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
     retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
