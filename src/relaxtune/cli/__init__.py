@@ -57,6 +57,13 @@ STARTS = ("initial", "relaxed")  # relaxtune.evaluate.STARTS
 GRADS = ("full", "truncated", "checkpoint", "implicit", "hybrid")  # relaxtune.relax.implicit.GRAD_MODES[1:]
 HYBRID_HEADS = ("checkpoint", "full")  # TrainConfig.hybrid_head
 DTYPES = ("float32", "float64")  # TrainConfig.dtype
+#: the pure-torch test potentials: run in float64 by default (machine-precision checks), ML models in float32
+CLASSICAL = frozenset({"lj", "sw"})
+
+
+def default_dtype(model: str) -> str:
+    """The dtype a command uses for ``model`` when none is given: float64 for ``CLASSICAL``, else float32."""
+    return "float64" if str(model).lower() in CLASSICAL else "float32"
 
 _abort_note: list[str] = []
 

@@ -24,10 +24,9 @@ import typer
 
 from relaxtune.atomic import atomic_write_text
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
-                           check_writable, deferred_interrupt, file_error, load_model_or_fail, note_on_abort,
+                           check_writable, default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort,
                            use_threads)
 
-CLASSICAL = {"lj", "sw"}
 
 
 @app.command("evaluate", epilog=CONVENTION)
@@ -92,7 +91,7 @@ def evaluate_command(
         pairs = [p for p in pairs if p.split == split]
         if not pairs:
             raise UserInputError(f"--split {split}: no structures of {data} in that split")
-    dtype = torch.float64 if model.lower() in CLASSICAL else torch.float32
+    dtype = getattr(torch, default_dtype(model))
     net = load_model_or_fail(model, dtype)
     warning = unseen_species(net, [p.initial for p in pairs])
     if warning and ctx.is_main:

@@ -26,10 +26,9 @@ from typing import Literal, Optional
 import typer
 
 from relaxtune.cli import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError,
-                           app, can_create_in, check_model, file_error, note_on_abort, one_line, use_threads)
+                           app, can_create_in, check_model, default_dtype, file_error, note_on_abort, one_line, use_threads)
 from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TrainConfig
 
-CLASSICAL = {"lj", "sw"}
 #: what a run writes to its folder: --overwrite deletes these (and nothing else) before it starts
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "config.yaml")
 #: the CLI's defaults are the library's (one place to change them), read without building a config (no torch)
@@ -148,7 +147,7 @@ def apply_config_file(config: TrainConfig, path: Path, given: set[str]) -> Train
         values[key] = value
     merged = {**values, **{k: v for k, v in config.to_dict().items() if k in given}}
     if "dtype" not in merged:
-        merged["dtype"] = "float64" if str(merged.get("model", config.model)).lower() in CLASSICAL else "float32"
+        merged["dtype"] = default_dtype(merged.get("model", config.model))
     try:
         return TrainConfig(**merged)
     except ValueError as exc:
@@ -310,7 +309,7 @@ def finetune_command(
     except ValueError as exc:
         raise UserInputError(str(exc)) from None
     if dtype is None:
-        dtype = "float64" if model.lower() in CLASSICAL else "float32"
+        dtype = default_dtype(model)
     try:
         config = TrainConfig(**{**options, "dtype": dtype})
     except ValueError as exc:
