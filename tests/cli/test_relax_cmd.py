@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 
 import numpy as np
 import pytest
@@ -52,6 +53,16 @@ def test_relax_sw_extxyz(monkeypatch, capsys, tmp_path, si_file):
         assert after.get_potential_energy() < before.get_potential_energy() if before.calc else True
         np.testing.assert_allclose(after.cell.array, before.cell.array)
     np.testing.assert_allclose(frames[2].positions[0], initial[2].positions[0])  # fixed atom kept
+
+
+def test_max_atoms_changes_what_runs_together_not_the_result(monkeypatch, capsys, tmp_path, si_file):
+    outs = []
+    for limits in (["--batch-size", "3"], ["--batch-size", "3", "--max-atoms", "10"]):  # 8-atom cells: one at a time
+        outs.append(tmp_path / f"out{len(outs)}.extxyz")
+        code, stdout, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", outs[-1], "--model", "sw",
+                                   "--fmax", "0.01", *limits)
+        assert code == 0 and "3 converged" in stdout, stderr
+    _assert_same_relaxation(read(outs[1], ":"), read(outs[0], ":"))
 
 
 def test_relax_cell_gd_poscar_and_cif(monkeypatch, capsys, tmp_path):
@@ -180,8 +191,8 @@ def _wait_for(condition, proc, timeout=120.0):
 
 def test_ctrl_c_keeps_every_finished_structure_and_exits_130(tmp_path):
     """The real command in its own process: SIGINT once the output holds finished structures gives exit code
-    130, one line on stderr (no traceback), and an output whose structures are readable and are inputs' relaxed
-    (written after every batch, atomically)."""
+    130, one line on stderr (no traceback), and an output whose structures are readable and are the first
+    inputs' relaxed, as many as the line says (each append completes before the interrupt takes effect)."""
     import os
     import signal
     import subprocess
@@ -198,7 +209,7 @@ def test_ctrl_c_keeps_every_finished_structure_and_exits_130(tmp_path):
     def finished():
         try:
             return len(read(out, ":")) >= 4
-        except Exception:  # not there yet (never half-written: replaced atomically)
+        except Exception:  # not there yet, or a frame being appended
             return False
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -221,6 +232,90 @@ def test_ctrl_c_keeps_every_finished_structure_and_exits_130(tmp_path):
         assert list(atoms.numbers) == list(source.numbers)
         assert atoms.info["converged"] and atoms.info["fmax"] < 0.001
         assert np.isfinite(atoms.get_potential_energy())
+
+
+def _relaxed_inputs(tmp_path, count):
+    """``count`` rattled 8-atom Si cells named si_0, si_1, ... written to in.extxyz."""
+    frames = []
+    for i in range(count):
+        atoms = _si(seed=i, rattle=0.1)
+        atoms.info["name"] = f"si_{i}"
+        frames.append(atoms)
+    write(tmp_path / "in.extxyz", frames)
+    return frames
+
+
+def _assert_same_relaxation(frames, reference):
+    assert [a.info["name"] for a in frames] == [a.info["name"] for a in reference]
+    for atoms, ref in zip(frames, reference):
+        assert atoms.info["n_steps"] == ref.info["n_steps"] and atoms.info["converged"] == ref.info["converged"]
+        np.testing.assert_allclose(atoms.positions, ref.positions, atol=1e-6)
+        assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-8)
+
+
+def test_sigkill_leaves_a_prefix_that_resume_completes(monkeypatch, capsys, tmp_path):
+    """Killed without warning mid-run, the command leaves the first inputs' relaxed structures (whole frames,
+    perhaps a last one cut short); --resume completes the file to what an uninterrupted run writes."""
+    import os
+    import subprocess
+    import sys
+
+    from relaxtune.cli.relax_cmd import complete_frames
+
+    count = 60
+    _relaxed_inputs(tmp_path, count)
+    out = tmp_path / "out.extxyz"
+    options = ["-m", "sw", "--batch-size", "4", "--fmax", "0.001", "--threads", "1", "--no-progress"]
+
+    def written():
+        return out.exists() and complete_frames(out.read_text()).count("Lattice=") >= 4
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "relaxtune", "relax", "in.extxyz", "-o", "out.extxyz", *options],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(written, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    kept = read(io.StringIO(complete_frames(out.read_text())), ":", format="extxyz")
+    assert 4 <= len(kept) < count
+    reference_out = tmp_path / "reference.extxyz"
+    code, _, stderr = run(monkeypatch, capsys, "relax", tmp_path / "in.extxyz", "-o", reference_out, *options)
+    assert code == 0, stderr
+    reference = read(reference_out, ":")
+    _assert_same_relaxation(kept, reference[:len(kept)])
+    code, _, stderr = run(monkeypatch, capsys, "relax", tmp_path / "in.extxyz", "-o", out, *options, "--resume")
+    assert code == 0, stderr
+    assert f"resuming: {len(kept)} of {count}" in stderr
+    _assert_same_relaxation(read(out, ":"), reference)
+
+
+@pytest.mark.parametrize("cut", ["mid_line", "after_count_line", "whole"])
+def test_resume_drops_a_last_frame_cut_short(monkeypatch, capsys, tmp_path, si_file, cut):
+    out = tmp_path / "out.extxyz"
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--fmax", "0.01",
+                          "--index", "0:2")
+    assert code == 0, stderr
+    text = out.read_text()
+    second = text.index("\n", text.index("Lattice=", text.index("Lattice=") + 1)) + 1  # its first atom line
+    truncated = {"mid_line": text[:second + 20], "after_count_line": text[:text.rindex("\n", 0, second - 1) + 1],
+                 "whole": text}[cut]
+    out.write_text(truncated)
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--fmax", "0.01",
+                          "--resume")
+    assert code == 0, stderr
+    assert f"resuming: {2 if cut == 'whole' else 1} of 3" in stderr
+    frames = read(out, ":")
+    assert [f.info["name"] for f in frames] == ["si_0", "si_1", "si_2"] and all(f.info["converged"] for f in frames)
+    assert out.read_text().startswith(text[:text.index("\n", text.index("Lattice=")) + 1])
+
+
+def test_resume_refuses_an_output_that_is_not_extxyz_frames(monkeypatch, capsys, tmp_path, si_file):
+    out = tmp_path / "out.extxyz"
+    out.write_text("8\nLattice=...\nnot a structure file at all\n" * 5)
+    before = out.read_text()
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--resume")
+    assert code == 2 and "cannot read the earlier output" in stderr and len(stderr.strip().splitlines()) == 1
+    assert out.read_text() == before
 
 
 def test_option_values_are_checked_before_reading_anything(monkeypatch, capsys, tmp_path, si_file):

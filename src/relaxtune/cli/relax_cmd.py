@@ -2,18 +2,22 @@
 
     relaxtune relax structures.extxyz -o relaxed.extxyz --model chgnet --fmax 0.05
     relaxtune relax POSCAR -o relaxed.extxyz --cell --optimizer fire
-    relaxtune relax defects.traj -o out.extxyz --model finetuned.pt --batch-size 16
+    relaxtune relax defects.traj -o out.extxyz --model finetuned.pt --batch-size 16 --max-atoms 2000
 
-The output holds one frame per input structure (in input order): relaxed positions (and cell with --cell),
-energy, forces (and stress with --cell), and in the frame's info ``n_steps``, ``converged``, ``fmax`` and
-``blew_up`` (next to the input's own info, e.g. ``name``). It is rewritten atomically after every batch, so an
-interrupted run (Ctrl-C: exit code 130, one line saying how many structures OUTPUT holds) keeps every finished
-structure; ``--resume`` continues after them.
+Up to ``--batch-size`` structures (and ``--max-atoms`` atoms) are relaxed together; as each one finishes, the
+next input structure takes its place (``relaxtune.relax.stream``). The output holds one frame per input
+structure (in input order): relaxed positions (and cell with --cell), energy, forces (and stress with --cell),
+and in the frame's info ``n_steps``, ``converged``, ``fmax`` and ``blew_up`` (next to the input's own info, e.g.
+``name``). A structure is appended to OUTPUT (flushed to disk) as soon as it and every structure before it are
+relaxed, so an interrupted run keeps every structure it wrote: Ctrl-C exits with code 130 and one line saying how
+many structures OUTPUT holds; ``--resume`` continues after them (dropping a last frame cut short by a kill).
 """
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -23,9 +27,8 @@ import typer
 
 from relaxtune.atomic import atomic_write_text
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
-                           deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line, use_threads)
+                           default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line, use_threads)
 
-CLASSICAL = {"lj", "sw"}
 
 
 def read_structures(path: Path, index: str = ":") -> list:
@@ -68,26 +71,51 @@ def read_structures(path: Path, index: str = ":") -> list:
 def _load(spec: str, device: str):
     import torch
 
-    dtype = torch.float64 if spec.lower() in CLASSICAL else torch.float32
+    dtype = getattr(torch, default_dtype(spec))
     model = load_model_or_fail(spec, dtype)
     return model.to(device).eval(), dtype
 
 
+def complete_frames(text: str) -> str:
+    """The longest prefix of extxyz ``text`` made of whole frames (a count line, a comment line and that many atom
+    lines, each ending in a newline): what survives of a file whose last append was cut short. ``ValueError`` if
+    a frame does not begin with its number of atoms (not a truncation: another kind of file)."""
+    lines = text.split("\n")[:-1]  # whole lines only: what follows the last newline was cut short
+    end = first = 0
+    while first < len(lines):
+        try:
+            n_atoms = int(lines[first])
+        except ValueError:
+            raise ValueError(f"line {first + 1}: expected the number of atoms of a frame, got "
+                             f"{lines[first].strip()[:40]!r}") from None
+        last = first + n_atoms + 2
+        if last > len(lines):
+            break
+        end += sum(len(line) + 1 for line in lines[first:last])
+        first = last
+    return text[:end]
+
+
 def finished_structures(output: Path, frames: list) -> list:
     """The relaxed structures an earlier run of the same input wrote to ``output`` (``--resume``): they must be
-    the first structures of the input, in order, with the same atoms."""
+    the first structures of the input, in order, with the same atoms. A last frame cut short (a run killed while
+    appending it) is dropped: ``output`` is rewritten atomically to its whole frames."""
     from ase.io import read
 
     if not output.exists():
         return []
     try:
-        done = read(str(output), index=":", format="extxyz")
+        text = output.read_text()
+        whole = complete_frames(text)
+        done = read(io.StringIO(whole), index=":", format="extxyz") if whole else []
     except Exception as exc:
         raise file_error(f"--resume {output}: cannot read the earlier output", exc) from None
     if len(done) > len(frames) or any(
             list(a.numbers) != list(b.numbers) for a, b in zip(done, frames)):
         raise UserInputError(f"--resume {output}: holds structures that are not the first {len(done)} of the input "
                              "(another input or --index?)")
+    if len(whole) < len(text):
+        atomic_write_text(whole, output)
     return done
 
 
@@ -100,24 +128,26 @@ def _batch_error(path: Path, offset: int, exc: Exception) -> UserInputError:
     return UserInputError(f"{path}: structures {offset}..: {msg}")
 
 
-def _write_atomically(structures: list, output: Path) -> None:
-    """All finished structures to ``output`` (extxyz), replacing it in one step."""
-    import io
-
+def _append(structures: list, output: Path) -> None:
+    """Append ``structures`` to ``output`` (extxyz), flushed and fsynced: a kill loses at most the frame being
+    written, which ``finished_structures`` drops."""
     from ase.io import write
-
 
     buffer = io.StringIO()
     write(buffer, structures, format="extxyz")
-    atomic_write_text(buffer.getvalue(), output)
+    with open(output, "a") as fh:
+        fh.write(buffer.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @app.command("relax", epilog=CONVENTION)
 def relax_cmd(
     input: Path = typer.Argument(..., help="Structures: any ASE-readable file (extxyz, traj, CIF, POSCAR, "
                                  "vasprun.xml, ...), one or many frames."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output extxyz file (overwritten; rewritten after "
-                                "every batch, so Ctrl-C keeps what is finished)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output extxyz file (overwritten; each structure is "
+                                "appended once it and every structure before it are relaxed, so Ctrl-C keeps "
+                                "what is finished)."),
     model: str = typer.Option("chgnet", "--model", "-m", help="chgnet | sevennet | lj | sw | a MACE model file | "
                               "a relaxtune fine-tuned checkpoint (.pt)."),
     optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="fire (ASE's FIRE), lbfgs (ASE's "
@@ -127,7 +157,10 @@ def relax_cmd(
     max_steps: int = typer.Option(500, min=0, help="Most optimizer steps per structure."),
     cell: bool = typer.Option(False, "--cell", help="Relax the cell too (FrechetCellFilter-like deformation)."),
     pressure: float = typer.Option(0.0, help="Target pressure with --cell, GPa."),
-    batch_size: int = typer.Option(16, min=1, help="Structures relaxed together in one batch."),
+    batch_size: int = typer.Option(16, min=1, help="Structures relaxed together; as each one finishes, the next "
+                                   "input structure takes its place."),
+    max_atoms: Optional[int] = typer.Option(None, "--max-atoms", min=1, help="Most atoms relaxed together (a larger "
+                                            "structure runs alone). Default: no limit."),
     step_size: Optional[float] = typer.Option(None, min=1e-9, help="gd: eta in Å²/eV (default 0.02); fire: "
                                               "initial time step (default 0.1)."),
     index: str = typer.Option(":", help="Which frames of INPUT (ASE index: ':' all, '-1' last, '0:10')."),
@@ -167,10 +200,12 @@ def relax_cmd(
     results = finished_structures(output, frames) if resume else []
     if results:
         typer.echo(f"resuming: {len(results)} of {len(frames)} structures already in {output}", err=True)
+    if not resume:
+        atomic_write_text("", output)
     bar = tqdm(total=len(frames), initial=len(results), unit="structure", desc=f"relax ({net.name})", leave=False,
                disable=not progress)
     try:
-        _relax_batches(net, config, frames, results, input, output, batch_size, dtype, device, bar)
+        _relax_in_flight(net, config, frames, results, input, output, batch_size, max_atoms, dtype, device, bar)
     except KeyboardInterrupt:
         note_on_abort(f"{len(results)} of {len(frames)} structures relaxed are in {output}"
                       + ("; --resume relaxes the rest" if results else ""))
@@ -187,42 +222,53 @@ def relax_cmd(
                f"mean steps {mean_steps:.1f}, wall time {wall:.1f} s -> {output}")
 
 
-def _relax_batches(net, config, frames: list, results: list, input: Path, output: Path, batch_size: int, dtype,
-                   device: str, bar) -> None:
-    """Relax ``frames`` after the ``results`` already finished, appending to ``results`` and rewriting
-    ``output`` after every batch."""
+def _output_frame(source, result):
+    """The output frame of one relaxed structure: its atoms with the input's info, the relaxation's figures in
+    the info, and energy, forces (and stress) as a ``SinglePointCalculator``."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
+    atoms = result.atoms
+    atoms.info.update({key: val for key, val in source.info.items() if key not in ("energy", "stress")})
+    atoms.info.update(n_steps=result.n_steps, converged=result.converged, fmax=result.fmax, blew_up=result.blew_up)
+    props = dict(energy=result.energy, forces=result.forces)
+    if result.stress is not None:
+        props["stress"] = full_3x3_to_voigt_6_stress(result.stress)
+    atoms.calc = SinglePointCalculator(atoms, **props)
+    return atoms
+
+
+def _next_in_order(waiting: dict, start: int) -> list:
+    """Take the structures ``start``, ``start + 1``, ... out of ``waiting`` (input index -> frame) while there."""
+    ready = []
+    while start + len(ready) in waiting:
+        ready.append(waiting.pop(start + len(ready)))
+    return ready
+
+
+def _relax_in_flight(net, config, frames: list, results: list, input: Path, output: Path, batch_size: int,
+                     max_atoms: int | None, dtype, device: str, bar) -> None:
+    """Relax ``frames`` after the ``results`` already finished, ``batch_size`` in flight; append each finished
+    structure to ``output`` and ``results`` as soon as every structure before it in the input is there too."""
     from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.relax import relax
-    from relaxtune.state import Batch
+    from relaxtune.relax.stream import relax_stream
 
-    for offset in range(len(results), len(frames), batch_size):
-        chunk = frames[offset: offset + batch_size]
-        batch = Batch.from_atoms(chunk, dtype=dtype, device=device)
+    offset = len(results)
 
-        def progress(step, done, total, _offset=offset):
-            bar.set_postfix(step=step, refresh=False)
-            bar.update(_offset + done - bar.n)  # redraws at most every 0.1 s
+    def progress(report):
+        bar.set_postfix(step=report.step, in_flight=report.n_structures, refresh=False)
 
-        try:
-            res = relax(net, batch, config, progress=progress)
-        except (ValueError, UnsupportedElementError) as exc:
-            raise _batch_error(input, offset, exc) from None
-        relaxed = res.batch.to_atoms()
-        slices = res.batch.system_slices()
-        finished = []
-        for k, (src, atoms) in enumerate(zip(chunk, relaxed)):
-            atoms.info.update({key: val for key, val in src.info.items() if key not in ("energy", "stress")})
-            atoms.info.update(n_steps=int(res.n_steps[k]), converged=bool(res.converged[k]),
-                              fmax=float(res.fmax[k]), blew_up=bool(res.blew_up[k]))
-            props = dict(energy=float(res.energy[k]), forces=res.forces[slices[k]].detach().cpu().double().numpy())
-            if res.stress is not None:
-                props["stress"] = full_3x3_to_voigt_6_stress(res.stress[k].detach().cpu().double().numpy())
-            atoms.calc = SinglePointCalculator(atoms, **props)
-            finished.append(atoms)
-        with deferred_interrupt():  # the file and the count in the 'aborted' line agree
-            _write_atomically(results + finished, output)
-            results.extend(finished)
-        bar.update(offset + len(chunk) - bar.n)
+    try:
+        stream = relax_stream(net, frames[offset:], config, max_structures=batch_size, max_atoms=max_atoms,
+                              dtype=dtype, device=device, progress=progress)
+    except (ValueError, UnsupportedElementError) as exc:
+        raise _batch_error(input, offset, exc) from None
+    waiting: dict = {}
+    for index, result in stream:
+        waiting[offset + index] = _output_frame(frames[offset + index], result)
+        bar.update(1)  # redraws at most every 0.1 s
+        ready = _next_in_order(waiting, len(results))
+        if ready:
+            with deferred_interrupt():  # the file and the count in the 'aborted' line agree
+                _append(ready, output)
+                results.extend(ready)

@@ -46,7 +46,8 @@ from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.relax import cell as cellmod
 from relaxtune.relax.params import StepParameters, StepValues
 from relaxtune.relax.steps import (FireParams, FireState, GDState, LBFGSParams, fire_init, fire_step, gd_init,
-                                   gd_step, lbfgs_init, lbfgs_step, merge_states, select_state)
+                                   gd_step, lbfgs_init, lbfgs_step, concat_states, merge_states,
+                                   select_state)
 from relaxtune.state import Batch, per_system_max
 
 GRAD_MODES = ("none", "full", "truncated", "checkpoint")
@@ -478,6 +479,54 @@ def _select(prob: _Problem, carry: _Carry, keep: torch.Tensor) -> tuple[_Problem
     prepared = selector(carry.prepared, keep) if selector is not None else prob.model.prepare(sub_batch)
     return new_prob, _Carry(state=select_state(carry.state, keep, rows), ev=new_ev, status=new_status,
                             prepared=prepared, anchor=(sub_batch.positions, sub_batch.cell))
+
+
+def _concat_batches(first: Batch, second: Batch) -> Batch:
+    """``first``'s structures followed by ``second``'s in one batch (the inverse of ``Batch.select``)."""
+    joined = {f.name: torch.cat([getattr(first, f.name), getattr(second, f.name)])
+              for f in dataclasses.fields(Batch) if f.name != "system_idx"}
+    return Batch(**joined, system_idx=torch.cat([first.system_idx, second.system_idx + first.n_systems]))
+
+
+def _merged_rows(first: _Problem, second: _Problem) -> torch.Tensor:
+    """Where each row of the merged problem sits in the concatenation of ``first``'s rows and ``second``'s: the
+    atoms of both, then (with the cell) the cell rows of both, as ``cell.row_system`` lays them out."""
+    dev = first.base.device
+    n_first, n_second = first.base.n_atoms, second.base.n_atoms
+    if first.cell is None:
+        return torch.arange(n_first + n_second, device=dev)
+    rows_first = first.row_system.shape[0]
+    return torch.cat([torch.arange(n_first, device=dev), rows_first + torch.arange(n_second, device=dev),
+                      torch.arange(n_first, rows_first, device=dev),
+                      torch.arange(rows_first + n_second, rows_first + second.row_system.shape[0], device=dev)])
+
+
+def _concat(first: _Problem, first_carry: _Carry, second: _Problem, second_carry: _Carry) -> tuple[_Problem, _Carry]:
+    """One working problem of ``first``'s structures followed by ``second``'s (same model and configuration),
+    each keeping its optimizer state and status; re-prepared on the merged batch. The inverse of ``_select``."""
+    rows = _merged_rows(first, second)
+    base = _concat_batches(first.base, second.base)
+    cf = None
+    if first.cell is not None:
+        cf = cellmod.CellFilter(torch.cat([first.cell.reference_cell, second.cell.reference_cell]),
+                                torch.cat([first.cell.factor, second.cell.factor]), first.cell.pressure)
+    row_scale = None
+    if first.row_scale is not None:
+        row_scale = torch.cat([first.row_scale, second.row_scale])[rows]
+    row_system = cellmod.row_system(base) if cf is not None else base.system_idx
+    prob = replace(first, base=base, cell=cf, row_system=row_system,
+                   free_rows=torch.cat([first.free_rows, second.free_rows])[rows], row_scale=row_scale)
+    a, b = first_carry.ev, second_carry.ev
+    ev = _Eval(energy=torch.cat([a.energy, b.energy]), forces=torch.cat([a.forces, b.forces]),
+               stress=torch.cat([a.stress, b.stress]) if a.stress is not None else None,
+               row_forces=torch.cat([a.row_forces, b.row_forces])[rows], fmax=torch.cat([a.fmax, b.fmax]),
+               bad=torch.cat([a.bad, b.bad]))
+    status = _Status(**{f.name: torch.cat([getattr(first_carry.status, f.name), getattr(second_carry.status, f.name)])
+                        for f in dataclasses.fields(_Status)})
+    state = concat_states(first_carry.state, second_carry.state, rows)
+    batch = _detached(prob.batch_at(state.positions))
+    return prob, _Carry(state=state, ev=ev, status=status, prepared=prob.model.prepare(batch),
+                        anchor=(batch.positions, batch.cell))
 
 
 # ---------------------------------------------------------------------------------------------- public

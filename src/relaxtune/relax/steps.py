@@ -266,3 +266,17 @@ def select_state(state, systems: torch.Tensor, rows: torch.Tensor):
         value = getattr(state, f.name)
         fields[f.name] = value[rows] if f.name in state.ROW_FIELDS else value[systems]
     return type(state)(**fields)
+
+
+def concat_states(first, second, rows: torch.Tensor):
+    """The state of ``first``'s structures followed by ``second``'s (the inverse of ``select_state``).
+
+    Per-structure fields are concatenated; row fields are concatenated (``first``'s rows, then ``second``'s)
+    and put in the merged order ``rows``, an index into that concatenation (with cell rows the merged layout
+    holds the atoms of both before the cell rows of both).
+    """
+    fields = {}
+    for f in dataclasses.fields(first):
+        joined = torch.cat([getattr(first, f.name), getattr(second, f.name)])
+        fields[f.name] = joined[rows] if f.name in first.ROW_FIELDS else joined
+    return type(first)(**fields)
