@@ -23,13 +23,14 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+
+from relaxtune.atomic import atomic_write_text
 
 VIEWS = ("si-defects-heldout-trained", "si-defects-heldout-unseen")
 TRAIN = "builtin:si-defects-mini"
@@ -48,9 +49,7 @@ def _one_thread() -> None:
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def evaluate_views(model_spec: str, path: Path) -> dict:

@@ -94,9 +94,9 @@ TARGETS = (
 
 
 def _instrument_split_trainer(clock: Clock) -> list[str]:
-    """The trainer split into objectives: the objective yields loss pieces that ``Trainer._backward``
-    backpropagates. The structure piece comes first (its forward relaxation nested as ``relax forward``, the
-    rest of it and its backward: ``relax backward``); every later piece is a chunk of DFT frames (``frames``)."""
+    """The trainer split into objectives: the objective yields loss pieces that the trainer backpropagates. The
+    structure piece comes first (its forward relaxation nested as ``relax forward``, the rest of it and its
+    backward: ``relax backward``); every later piece is a chunk of DFT frames (``frames``)."""
     import relaxtune.train.finetune as finetune
     import relaxtune.train.objectives as objectives
     from relaxtune.train.keep_pretrained import KeepPretrained
@@ -110,28 +110,26 @@ def _instrument_split_trainer(clock: Clock) -> list[str]:
         if _wrap(finetune.Trainer, name, clock, "validation"):
             wrapped.append(f"Trainer.{name}")
 
-    def backward(parts):
-        part = "relax backward" if _structure_first[0] else "frames"
+    def timed(parts, part):
+        """The objective's loss pieces, each one's computation and the trainer's backward of it (done while this
+        generator waits at ``yield``) timed as ``part``; the structure piece first, frame chunks after it."""
         while True:
             with clock.part(part):
                 try:
                     piece = next(parts)
                 except StopIteration as done:
                     return done.value
-                if piece.requires_grad:
-                    piece.backward()
+                yield piece
             part = "frames"
 
-    _structure_first = [True]
     original_loss = objectives.Objectives.loss
 
     def loss(self, pairs, epoch):
-        _structure_first[0] = self.config.objective != "forces"
-        return original_loss(self, pairs, epoch)
+        first = "frames" if self.config.objective == "forces" else "relax backward"
+        return timed(original_loss(self, pairs, epoch), first)
 
     objectives.Objectives.loss = loss
-    finetune.Trainer._backward = staticmethod(backward)
-    wrapped.append("Trainer._backward")
+    wrapped.append("Objectives.loss")
     return wrapped
 
 

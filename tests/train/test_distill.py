@@ -47,6 +47,16 @@ def test_distillation_loss_is_zero_for_the_labelling_model_and_its_gradient_is_e
     assert float(analytic) == pytest.approx(numeric, rel=1e-5)
 
 
+def test_distill_force_weight_scales_only_the_force_term():
+    structures = distillation_set(_sw(), ["Si"], 2, seed=1, dtype=torch.float64)[:3]
+    other = _sw(sigma=SW_SI_1985["sigma"] * 1.01)
+    at = {w: float(distillation_loss(other, structures, 0.1, torch.float64, force_weight=w).detach())
+          for w in (0.0, 1.0, 3.0)}
+    force_term = at[1.0] - at[0.0]
+    assert force_term > 1e-6 and at[0.0] > 1e-6  # both the forces and the equation of state moved
+    assert at[3.0] == pytest.approx(at[0.0] + 3.0 * force_term, rel=1e-10)
+
+
 def test_each_step_draws_the_same_structures_on_every_rank_and_on_resume():
     assert distillation_draw(12, 8, seed=3, step=5) == distillation_draw(12, 8, seed=3, step=5)
     assert distillation_draw(12, 8, seed=3, step=5) != distillation_draw(12, 8, seed=3, step=6)

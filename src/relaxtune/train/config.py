@@ -16,7 +16,7 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
                         "retention_check": False, "distill_project": False,
-                        "low_rank": 0}
+                        "low_rank": 0, "distill_force_weight": 1.0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 
@@ -56,7 +56,8 @@ class TrainConfig:
 
     Keeping what pretraining knew (``relaxtune.train.distill``): every step also fits ``distill_per_step`` of
     the ``distill_per_prototype`` strained, rattled copies of each bulk crystal of the training elements to the
-    pretrained model's energy, forces and stress, at ``distill_weight`` (0 = off; stress at ``stress_weight``);
+    pretrained model's energy, forces and stress, at ``distill_weight`` (0 = off; forces at ``distill_force_weight``,
+    stress at ``stress_weight``);
     with ``distill_project`` the data gradient first loses its component against the distillation gradient
     (gradient surgery, PCGrad), so a step on the defects does not undo the bulk to first order;
     ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights. ``retention_check`` measures best.pt
@@ -114,6 +115,7 @@ class TrainConfig:
     distill_weight: float = 10.0  # weight of the self-distillation term (0 = off)
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
+    distill_force_weight: float = 1.0  # weight of the forces in the distillation loss (0: equation of state only)
     distill_project: bool = True  # remove from the data gradient its component against the distillation's
     low_rank: int = 0  # > 0: train a rank-r update B·A of each trainable linear layer, base weights fixed
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
@@ -173,7 +175,7 @@ class TrainConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
-        for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank"):
+        for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank", "distill_force_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",

@@ -65,16 +65,18 @@ def distillation_set(model: EnergyModel, species: Sequence[str], n_per_prototype
 
 
 def distillation_loss(model: EnergyModel, structures: Sequence[Atoms], stress_weight: float, dtype: torch.dtype,
-                      ) -> torch.Tensor:
-    """Mean over ``structures`` of force MSE ((eV/Å)^2) + squared energy error per atom ((eV/atom)^2) +
-    ``stress_weight`` x stress MSE (GPa^2) against their labels, with the graph (for the weights)."""
+                      force_weight: float = 1.0) -> torch.Tensor:
+    """Mean over ``structures`` of ``force_weight`` x force MSE ((eV/Å)^2) + squared energy error per atom
+    ((eV/atom)^2) + ``stress_weight`` x stress MSE (GPa^2) against their labels, with the graph (for the
+    weights). With ``force_weight`` 0 only the equation of state (energy and stress against strain) is kept and
+    the bulk force constants are free to change."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     batch = Batch.from_atoms(list(structures), dtype=dtype, device=device)
     ef = energy_and_forces(model, batch, model.prepare(batch), create_graph=True, compute_stress=stress_weight > 0)
     e_ref = torch.tensor([a.get_potential_energy() for a in structures], dtype=dtype, device=device)
     f_ref = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=dtype, device=device)
     n_atoms = torch.tensor([len(a) for a in structures], dtype=dtype, device=device)
-    per = losses.force_loss(ef.forces, f_ref, batch.system_idx, batch.n_systems) + losses.energy_loss(
+    per = force_weight * losses.force_loss(ef.forces, f_ref, batch.system_idx, batch.n_systems) + losses.energy_loss(
         ef.energy, e_ref, n_atoms)
     if stress_weight > 0:
         s_ref = torch.tensor(np.stack([a.get_stress(voigt=False) for a in structures]), dtype=dtype, device=device)

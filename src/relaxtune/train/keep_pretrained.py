@@ -33,7 +33,8 @@ class KeepPretrained:
         distilled = None
         if self.distill and c.distill_weight > 0:
             picks = distillation_draw(len(self.distill), c.distill_per_step, c.seed, step)
-            loss = distillation_loss(self.model, [self.distill[i] for i in picks], c.stress_weight, self.dtype)
+            loss = distillation_loss(self.model, [self.distill[i] for i in picks], c.stress_weight, self.dtype,
+                                     c.distill_force_weight)
             grads = torch.autograd.grad(c.distill_weight * loss, self.params, allow_unused=True)
             if c.distill_project:
                 drop_conflict(self.params, grads)
