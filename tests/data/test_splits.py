@@ -7,7 +7,8 @@ import json
 import pytest
 from ase.build import bulk
 
-from relaxtune.data import DataError, RelaxationPair, load_splits, random_group_split, split_pairs, write_splits
+from relaxtune.data import (DataError, RelaxationPair, has_splits, load_splits, pairs_in_split, random_group_split,
+                            split_pairs, train_and_val, write_splits)
 
 
 def _pairs(groups):
@@ -38,6 +39,22 @@ def test_none_uses_the_split_recorded_on_each_pair():
     pairs[1].split = "test"
     out = split_pairs(pairs, None)
     assert [p.name for p in out["train"]] == ["a_0", "c_2"] and [p.name for p in out["test"]] == ["b_1"]
+
+
+def test_train_and_val_follow_the_split_tags_or_take_everything_for_training():
+    untagged = _pairs(["a", "b", "c"])
+    assert not has_splits(untagged)
+    train, val = train_and_val(untagged)
+    assert [p.name for p in train] == ["a_0", "b_1", "c_2"] and val == []
+    with pytest.raises(DataError, match="no splits"):
+        pairs_in_split(untagged, "test")
+    tagged = _pairs(["a", "b", "c", "d"])
+    for p, split in zip(tagged, ["train", "val", "test", "train"]):
+        p.split = split
+    assert has_splits(tagged)
+    train, val = train_and_val(tagged)
+    assert [p.name for p in train] == ["a_0", "d_3"] and [p.name for p in val] == ["b_1"]
+    assert [p.name for p in pairs_in_split(tagged, "test")] == ["c_2"]
 
 
 def test_splits_json_round_trip_and_errors(tmp_path):

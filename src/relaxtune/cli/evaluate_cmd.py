@@ -61,7 +61,7 @@ def evaluate_command(
     """Relax every initial structure of DATA with a model and compare with the DFT-relaxed one."""
     import torch
 
-    from relaxtune.data import DataError, load_pairs
+    from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
     from relaxtune.potentials.base import UnsupportedElementError
     from relaxtune.train import distributed
     from relaxtune.potentials.checkpoint import unseen_species
@@ -86,9 +86,9 @@ def evaluate_command(
     except (DataError, FileNotFoundError, ValueError) as exc:
         raise file_error(data, exc) from None
     if split is not None:
-        if not any(getattr(p, "split", None) for p in pairs):
+        if not has_splits(pairs):
             raise UserInputError(f"--split {split}: {data} has no splits (no splits.json)")
-        pairs = [p for p in pairs if p.split == split]
+        pairs = pairs_in_split(pairs, split)
         if not pairs:
             raise UserInputError(f"--split {split}: no structures of {data} in that split")
     dtype = getattr(torch, default_dtype(model))
@@ -160,7 +160,7 @@ def evaluate_as_it_goes(net, pairs: list, settings: dict, json_path: Optional[Pa
 def retention_command(model: str, data: Optional[str], split: Optional[str], json_path: Optional[Path]) -> None:
     """``evaluate --retention``: the retention suite of ``relaxtune.retention`` for checkpoint ``model`` against
     the model it was trained from, over its training elements (and DATA's DFT frames, if given)."""
-    from relaxtune.data import DataError, load_pairs
+    from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
     from relaxtune.retention import retention, retention_lines
     from relaxtune.potentials.checkpoint import base_model_spec
     from relaxtune.data.pairs import dft_frames
@@ -180,7 +180,8 @@ def retention_command(model: str, data: Optional[str], split: Optional[str], jso
             pairs = load_pairs(data)
         except (DataError, FileNotFoundError, ValueError) as exc:
             raise file_error(data, exc) from None
-        pairs = [p for p in pairs if split is None or p.split == split]
+        if split is not None:
+            pairs = pairs_in_split(pairs, split) if has_splits(pairs) else []
         frames[data if split is None else f"{data}:{split}"] = [f for p in pairs for f in dft_frames(p)]
     species = net.train_species or sorted({s for fr in frames.values() for a in fr for s in a.get_chemical_symbols()})
     result = retention(net, pretrained, species, extra_frames=frames)

@@ -54,26 +54,21 @@ def _load_pairs(spec: str, option: str) -> list:
 
 def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str]:
     """(train pairs, validation pairs, a one-line description of where they came from)."""
+    from relaxtune.data import has_splits, train_and_val
+
     pairs = _load_pairs(train_spec, "TRAIN")
-    has_splits = any(getattr(p, "split", None) for p in pairs)
-    if has_splits:
-        train = [p for p in pairs if p.split == "train"]
-        note = f"{train_spec}: split 'train'"
-    else:
-        train = list(pairs)
-        note = f"{train_spec}: all structures"
+    split = has_splits(pairs)
+    train, val = train_and_val(pairs)
+    note = f"{train_spec}: " + ("split 'train'" if split else "all structures")
     if val_spec:
         val = _load_pairs(val_spec, "--val")
         note += f"; validation: {val_spec}"
-    elif has_splits:
-        val = [p for p in pairs if p.split == "val"]
+    elif split:
         note += "; validation: split 'val'"
     else:
-        val = []
         note += "; no validation set (best.pt = lowest training loss)"
     if not train:
-        raise UserInputError(f"TRAIN {train_spec}: no training structures"
-                             + (" in split 'train'" if has_splits else ""))
+        raise UserInputError(f"TRAIN {train_spec}: no training structures" + (" in split 'train'" if split else ""))
     overlap = {p.name for p in train} & {p.name for p in val}
     if overlap:
         raise UserInputError(f"--val {val_spec}: structures also in the training set: {', '.join(sorted(overlap))}")

@@ -6,9 +6,11 @@
 
 from relaxtune.data.load import load_pairs
 from relaxtune.data.pairs import DataError, DataWarning, RelaxationPair, minimum_image_displacement
-from relaxtune.data.splits import load_splits, random_group_split, split_pairs, write_splits
+from relaxtune.data.splits import (has_splits, load_splits, pairs_in_split, random_group_split, split_pairs,
+                                   train_and_val, write_splits)
 
 __all__ = [
     "DataError", "DataWarning", "RelaxationPair", "load_pairs", "minimum_image_displacement",
-    "load_splits", "random_group_split", "split_pairs", "write_splits",
+    "has_splits", "load_splits", "pairs_in_split", "random_group_split", "split_pairs", "train_and_val",
+    "write_splits",
 ]

@@ -37,6 +37,26 @@ def write_splits(path: str | Path, split: Mapping[str, Sequence[str]]) -> Path:
     return atomic_write_text(json.dumps({k: list(v) for k, v in split.items()}, indent=1) + "\n", path)
 
 
+def has_splits(pairs: Sequence[RelaxationPair]) -> bool:
+    """True when the pairs carry split tags (their dataset has a ``splits.json``)."""
+    return any(getattr(p, "split", None) for p in pairs)
+
+
+def pairs_in_split(pairs: Sequence[RelaxationPair], split: str) -> list[RelaxationPair]:
+    """The pairs tagged ``split``; a DataError when the pairs carry no split tags at all."""
+    if not has_splits(pairs):
+        raise DataError(f"split {split!r}: the data have no splits (no splits.json)")
+    return [p for p in pairs if p.split == split]
+
+
+def train_and_val(pairs: Sequence[RelaxationPair]) -> tuple[list[RelaxationPair], list[RelaxationPair]]:
+    """What fine-tuning on one dataset trains and validates on: its ``train`` and ``val`` splits when it has
+    splits, else every pair for training and none for validation."""
+    if has_splits(pairs):
+        return pairs_in_split(pairs, "train"), pairs_in_split(pairs, "val")
+    return list(pairs), []
+
+
 def split_pairs(pairs: Sequence[RelaxationPair], split: Mapping[str, Sequence[str]] | str | Path | None = None
                 ) -> dict[str, list[RelaxationPair]]:
     """Pairs by split: ``{"train": [...], "val": [...], "test": [...]}`` (always those three keys).

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from relaxtune.atomic import atomic_write_text
-from relaxtune.data import DataError, load_pairs
+from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
 from relaxtune.evaluate import evaluate
 from relaxtune.potentials import load_checkpoint_model, load_model
 from relaxtune.potentials.checkpoint import DTYPES
@@ -31,8 +31,8 @@ CACHE_VERSION = 2
 def select_split(pairs: Sequence, split: str, exclude: set[str]) -> tuple[list, str]:
     """Pairs of ``split`` (by their ``split`` tag); without split tags, the pairs not in ``exclude`` (the
     run's training and validation names). Returns (pairs, how they were chosen)."""
-    if any(getattr(p, "split", None) is not None for p in pairs):
-        return [p for p in pairs if p.split == split], f"split `{split}`"
+    if has_splits(pairs):
+        return pairs_in_split(pairs, split), f"split `{split}`"
     chosen = [p for p in pairs if p.name not in exclude]
     return chosen, "all structures not used for training or validation (the data has no splits)"
 
