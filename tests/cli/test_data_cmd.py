@@ -74,7 +74,7 @@ def test_generate_user_errors(monkeypatch, capsys, tmp_path, structures):
 
 
 def test_build(monkeypatch, capsys, tmp_path):
-    code, stdout, _ = run(monkeypatch, capsys, "data", "build", "si-defects", "--out", tmp_path / "s.extxyz",
+    code, stdout, _ = run(monkeypatch, capsys, "data", "build", "si-defects", "-o", tmp_path / "s.extxyz",
                           "--seed", "7")
     assert code == 0 and f"wrote {len(SI_DEFECT_TYPES)} structures" in stdout
     frames = read(tmp_path / "s.extxyz", index=":")
@@ -82,8 +82,28 @@ def test_build(monkeypatch, capsys, tmp_path):
     code, stdout, _ = run(monkeypatch, capsys, "data", "build", "crystals", "--out", tmp_path / "c.extxyz",
                           "--n-per-prototype", "2")
     assert code == 0 and "wrote 28 structures (14 groups)" in stdout
-    code, _, err = run(monkeypatch, capsys, "data", "build", "zeolites", "--out", tmp_path / "z.extxyz")
+    code, _, err = run(monkeypatch, capsys, "data", "build", "zeolites", "--output", tmp_path / "z.extxyz")
     assert code == 2 and "zeolites: unknown structure set" in err
+
+
+def test_data_commands_follow_the_output_convention(monkeypatch, capsys, tmp_path):
+    """-o/--output names a file (build), --out a folder (generate); the old spellings still work, a missing or
+    doubly given output is one line, exit 2."""
+    code, _, err = run(monkeypatch, capsys, "data", "build", "si-defects")
+    assert code == 2 and err.strip().endswith("-o/--output: missing (the extxyz file to write)")
+    code, _, err = run(monkeypatch, capsys, "data", "build", "si-defects", "-o", tmp_path / "a.extxyz", "--out",
+                       tmp_path / "b.extxyz")
+    assert code == 2 and "give the extxyz file to write once" in err and not (tmp_path / "a.extxyz").exists()
+    structures = tmp_path / "in.extxyz"
+    write(structures, [bulk("Cu", "fcc", a=3.6)])
+    code, _, err = run(monkeypatch, capsys, "data", "generate", structures, "--calculator", "emt")
+    assert code == 2 and "--out: missing" in err
+    code, stdout, _ = run(monkeypatch, capsys, "data", "generate", structures, "-o", tmp_path / "gen", "--calculator",
+                          "emt")
+    assert code == 0 and len(list((tmp_path / "gen").glob("*.extxyz"))) == 1
+    for command in ("generate", "build", "info", "datasheet", "split"):
+        code, stdout, _ = run(monkeypatch, capsys, "data", command, "--help")
+        assert code == 0 and "-o/--output FILE writes a file" in " ".join(stdout.split()), command
 
 
 def test_info_builtin_and_errors(monkeypatch, capsys, tmp_path):

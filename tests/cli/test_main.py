@@ -67,7 +67,7 @@ def test_ctrl_c_ends_a_command_with_exit_code_130(monkeypatch, capsys, tmp_path)
         raise KeyboardInterrupt
 
     write(tmp_path / "in.extxyz", [bulk("Si", "diamond", a=5.43, cubic=True)])
-    monkeypatch.setattr(relaxtune.relax, "relax", interrupted)
+    monkeypatch.setattr(relaxtune.relax, "relax_stream", interrupted)
     code, _, err = run(monkeypatch, capsys, "relax", tmp_path / "in.extxyz", "-o", tmp_path / "out.extxyz",
                        "--model", "sw")
     assert code == 130, err

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from relaxtune.cli import UserInputError, app
+from relaxtune.cli import CONVENTION, UserInputError, app
 
 data_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        help="Reference relaxation datasets: build inputs, generate with DFT, inspect, split.")
@@ -41,12 +41,24 @@ def _user_errors(func):
     return wrapper
 
 
-@data_app.command("generate")
+def _given_once(value: Optional[Path], name: str, old: Optional[Path], old_name: str, what: str) -> Path:
+    """The path given by ``name`` or by its old spelling ``old_name`` (once, or the same twice)."""
+    if value is not None and old is not None and value != old:
+        raise UserInputError(f"{name} {value} and {old_name} {old}: give {what} once")
+    chosen = value if value is not None else old
+    if chosen is None:
+        raise UserInputError(f"{name}: missing ({what})")
+    return chosen
+
+
+@data_app.command("generate", epilog=CONVENTION)
 @_user_errors
 def generate_cmd(
     structures: Path = typer.Argument(..., help="Input structures: any ASE-readable file (every frame is one "
                                       "structure; info['name'] names its output file, info['group'] its split group)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one NAME.extxyz trajectory per structure."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (required): one NAME.extxyz trajectory "
+                                       "per structure."),
+    out_short: Optional[Path] = typer.Option(None, "-o", hidden=True, help="Old spelling of --out."),
     calculator: str = typer.Option("gpaw", help="gpaw | espresso | emt | sw | MODULE:CLASS (an ASE calculator class)."),
     jobs: int = typer.Option(1, min=1, help="Parallel single-threaded workers (one per core)."),
     fmax: float = typer.Option(0.05, min=1e-6, help="Force convergence of the relaxation, eV/Å (shipped data: 0.02)."),
@@ -64,6 +76,7 @@ def generate_cmd(
 
     from relaxtune.dft import GenerateSettings, generate, pending, preflight, read_structures
 
+    out = _given_once(out, "--out", out_short, "-o", "the folder to write the trajectories to")
     if not structures.exists():
         raise UserInputError(f"{structures}: file not found")
     atoms_list = read_structures(structures)
@@ -104,11 +117,13 @@ def generate_cmd(
             typer.echo(f"  {path.name[:-len('.failed.json')]}: {reason}")
 
 
-@data_app.command("build")
+@data_app.command("build", epilog=CONVENTION)
 @_user_errors
 def build_cmd(
     kind: str = typer.Argument(..., help="si-defects | crystals"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output extxyz file of initial structures."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output extxyz file of initial structures "
+                                          "(required)."),
+    out_old: Optional[Path] = typer.Option(None, "--out", hidden=True, help="Old spelling of --output."),
     seed: List[int] = typer.Option([], help="si-defects: rattle seeds (repeatable; default 1 2 3); "
                                    "crystals: the one random seed (default 0)."),
     n_per_prototype: int = typer.Option(8, min=1, help="crystals: strained/rattled copies per prototype."),
@@ -116,6 +131,7 @@ def build_cmd(
     """Build the initial structures of the shipped datasets (input for `relaxtune data generate`)."""
     from ase.io import write
 
+    out = _given_once(output, "-o/--output", out_old, "--out", "the extxyz file to write")
     from relaxtune.data.builders import build_crystals, build_si_defects
 
     if kind == "si-defects":
@@ -132,7 +148,7 @@ def build_cmd(
     typer.echo(f"wrote {len(atoms)} structures ({len(groups)} groups) to {out}")
 
 
-@data_app.command("info")
+@data_app.command("info", epilog=CONVENTION)
 @_user_errors
 def info_cmd(
     target: str = typer.Argument(..., help="A file, a folder, INITIAL:FINAL, or builtin:NAME[:SPLIT]."),
@@ -153,7 +169,7 @@ def info_cmd(
             typer.echo(f"wrote {path}")
 
 
-@data_app.command("datasheet")
+@data_app.command("datasheet", epilog=CONVENTION)
 @_user_errors
 def datasheet_cmd(
     name: str = typer.Argument(..., help="builtin:NAME"),
@@ -168,7 +184,7 @@ def datasheet_cmd(
         typer.echo(datasheet(name))
 
 
-@data_app.command("split")
+@data_app.command("split", epilog=CONVENTION)
 @_user_errors
 def split_cmd(
     target: str = typer.Argument(..., help="A dataset (file, folder, ...) whose groups to split."),

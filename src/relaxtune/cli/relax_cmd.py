@@ -251,7 +251,7 @@ def _relax_in_flight(net, config, frames: list, results: list, input: Path, outp
     """Relax ``frames`` after the ``results`` already finished, ``batch_size`` in flight; append each finished
     structure to ``output`` and ``results`` as soon as every structure before it in the input is there too."""
     from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.relax.stream import relax_stream
+    from relaxtune.relax import relax_stream
 
     offset = len(results)
 

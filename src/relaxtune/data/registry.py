@@ -111,7 +111,7 @@ DATASETS: dict[str, BuiltinDataset] = {
                   "Si_0, Si_1)"),
         regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py si-defects --jobs 2",
                     "# or, with the CLI:",
-                    "relaxtune data build si-defects --out si-defects.extxyz",
+                    "relaxtune data build si-defects -o si-defects.extxyz",
                     "relaxtune data generate si-defects.extxyz --out DIR --calculator gpaw --fmax 0.02 --kpts gamma "
                     "--jobs 2"),
         builder="build_si_defects",
@@ -163,7 +163,7 @@ DATASETS: dict[str, BuiltinDataset] = {
                   "zb-GaN -48 GPa at the experimental lattice constant; Si, Ge, AlP, GaAs are converged at 300 eV)"),
         regenerate=("OMP_NUM_THREADS=1 python scripts/generate_builtin.py crystals --jobs 2",
                     "# or, with the CLI (one call per cutoff; --ecut 500 for C, 700 for B and N compounds):",
-                    "relaxtune data build crystals --out crystals.extxyz",
+                    "relaxtune data build crystals -o crystals.extxyz",
                     "relaxtune data generate crystals.extxyz --out DIR --calculator gpaw --fmax 0.02 --relax-cell "
                     "--jobs 2"),
         builder="build_crystals",
