@@ -74,7 +74,8 @@ def model_dtype(model: torch.nn.Module, default: torch.dtype = torch.float32) ->
     return default
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def finite_mean(values: Sequence[float | None]) -> float | None:
+    """The mean of the finite values (None and NaN left out), or None when there are none."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else None
 
@@ -91,28 +92,28 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     dqs = [r["dq"] for r in rows]
     out = {
         "n": n,
-        "dq_mean": _mean(dqs),
+        "dq_mean": finite_mean(dqs),
         "dq_median": _median(dqs),
-        "rmsd_mean": _mean([r["rmsd"] for r in rows]),
-        "max_disp_mean": _mean([r["max_disp"] for r in rows]),
+        "rmsd_mean": finite_mean([r["rmsd"] for r in rows]),
+        "max_disp_mean": finite_mean([r["max_disp"] for r in rows]),
         "basin_match_rate": (sum(bool(r["basin_match"]) for r in rows) / n) if n else None,
         "converged_rate": (sum(bool(r["converged"]) for r in rows) / n) if n else None,
-        "steps_mean": _mean([float(r["steps"]) for r in rows]),
+        "steps_mean": finite_mean([float(r["steps"]) for r in rows]),
         "n_blew_up": sum(bool(r.get("blew_up")) for r in rows),
     }
     sym = [r for r in rows if r.get("dq_sym") is not None]
     if sym:
-        out["dq_sym_mean"] = _mean([r["dq_sym"] for r in sym])
+        out["dq_sym_mean"] = finite_mean([r["dq_sym"] for r in sym])
         out["basin_match_sym_rate"] = sum(bool(r["basin_match_sym"]) for r in rows) / n
     errs = [r["energy_error_per_atom"] for r in rows if r.get("energy_error_per_atom") is not None]
     cell_rows = [r for r in rows if "volume_error" in r]
     if cell_rows:
         out["n_cell_relaxed"] = len(cell_rows)
-        out["volume_error_abs_mean"] = _mean([abs(r["volume_error"]) for r in cell_rows if r["volume_error"] is not None])
-        out["strain_max_mean"] = _mean([r["strain_max"] for r in cell_rows])
+        out["volume_error_abs_mean"] = finite_mean([abs(r["volume_error"]) for r in cell_rows if r["volume_error"] is not None])
+        out["strain_max_mean"] = finite_mean([r["strain_max"] for r in cell_rows])
     if errs:
-        out["energy_error_per_atom_mean"] = _mean(errs)
-        out["energy_mae_per_atom"] = _mean([abs(e) for e in errs])
+        out["energy_error_per_atom_mean"] = finite_mean(errs)
+        out["energy_mae_per_atom"] = finite_mean([abs(e) for e in errs])
     return out
 
 

@@ -35,7 +35,7 @@ def minimum_image_displacement(
     return diff - torch.einsum("ak,akl->al", shift, cell_a.detach())
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """sqrt with a finite gradient at 0 (a structure exactly on its reference gets zero gradient, not NaN)."""
     positive = x > 0
     safe = torch.where(positive, x, torch.ones_like(x))
@@ -51,7 +51,7 @@ def dq(batch: Batch, reference_positions: torch.Tensor) -> torch.Tensor:
     when they sit on their reference)."""
     d = minimum_image_displacement(batch.positions, reference_positions, batch.cell, batch.pbc, batch.system_idx)
     sq = batch.masses.to(d.dtype) * (d * d).sum(-1)
-    return _safe_sqrt(per_system_sum(sq, batch.system_idx, batch.n_systems))
+    return safe_sqrt(per_system_sum(sq, batch.system_idx, batch.n_systems))
 
 
 def rmsd(batch: Batch, reference_positions: torch.Tensor) -> torch.Tensor:
@@ -59,10 +59,10 @@ def rmsd(batch: Batch, reference_positions: torch.Tensor) -> torch.Tensor:
     d = minimum_image_displacement(batch.positions, reference_positions, batch.cell, batch.pbc, batch.system_idx)
     sq = per_system_sum((d * d).sum(-1), batch.system_idx, batch.n_systems)
     n = batch.n_atoms_per_system.to(d.dtype)
-    return _safe_sqrt(sq / n)
+    return safe_sqrt(sq / n)
 
 
 def max_displacement(batch: Batch, reference_positions: torch.Tensor) -> torch.Tensor:
     """Largest per-atom displacement per structure (n_systems,), Å."""
     d = minimum_image_displacement(batch.positions, reference_positions, batch.cell, batch.pbc, batch.system_idx)
-    return per_system_max(_safe_sqrt((d * d).sum(-1)), batch.system_idx, batch.n_systems)
+    return per_system_max(safe_sqrt((d * d).sum(-1)), batch.system_idx, batch.n_systems)

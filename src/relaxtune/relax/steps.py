@@ -24,18 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from relaxtune.metrics import safe_sqrt
+from relaxtune.state import per_system_sum
+
 Scalar = float | torch.Tensor
-
-
-def _per_system_sum(values: torch.Tensor, row_system: torch.Tensor, n_systems: int) -> torch.Tensor:
-    out = torch.zeros(n_systems, dtype=values.dtype, device=values.device)
-    return out.index_add(0, row_system, values)
-
-
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """sqrt with a finite gradient at 0 (the gradient there is set to 0, never inf/NaN)."""
-    pos = x > 0
-    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
 
 
 def soft_cap(displacement: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -51,7 +43,7 @@ def soft_cap(displacement: torch.Tensor, cap: float | None) -> torch.Tensor:
     r0 = 0.5 * cap
     r2 = (displacement * displacement).sum(-1)
     big = r2 > r0 * r0
-    r = _safe_sqrt(torch.where(big, r2, torch.full_like(r2, 4.0 * r0 * r0)))
+    r = safe_sqrt(torch.where(big, r2, torch.full_like(r2, 4.0 * r0 * r0)))
     squashed = r0 + (cap - r0) * torch.tanh((r - r0) / (cap - r0))
     scale = torch.where(big, squashed / r, torch.ones_like(r2))
     return displacement * scale[:, None]
@@ -143,12 +135,12 @@ def fire_step(state: FireState, forces: torch.Tensor, row_system: torch.Tensor,
     """
     n_sys = state.dt.shape[0]
     f, v = forces, state.velocity
-    p_power = _per_system_sum((f * v).sum(-1).detach(), row_system, n_sys)
+    p_power = per_system_sum((f * v).sum(-1).detach(), row_system, n_sys)
     uphill = state.started & ~(p_power > 0.0)
     downhill = state.started & (p_power > 0.0)
 
-    f_norm = _safe_sqrt(_per_system_sum((f * f).sum(-1), row_system, n_sys))
-    v_norm = _safe_sqrt(_per_system_sum((v * v).sum(-1), row_system, n_sys))
+    f_norm = safe_sqrt(per_system_sum((f * f).sum(-1), row_system, n_sys))
+    v_norm = safe_sqrt(per_system_sum((v * v).sum(-1), row_system, n_sys))
     a = state.alpha
     ratio = torch.where(f_norm > 0, v_norm / torch.where(f_norm > 0, f_norm, torch.ones_like(f_norm)),
                         torch.zeros_like(f_norm))
@@ -166,7 +158,7 @@ def fire_step(state: FireState, forces: torch.Tensor, row_system: torch.Tensor,
 
     v = v + dt[row_system, None] * f
     dr = dt[row_system, None] * v
-    dr_norm = _safe_sqrt(_per_system_sum((dr * dr).sum(-1), row_system, n_sys))
+    dr_norm = safe_sqrt(per_system_sum((dr * dr).sum(-1), row_system, n_sys))
     too_long = dr_norm.detach() > params.maxstep
     scale = torch.where(too_long, params.maxstep / torch.where(too_long, dr_norm, torch.ones_like(dr_norm)),
                         torch.ones_like(dr_norm))
@@ -208,7 +200,7 @@ def lbfgs_init(positions: torch.Tensor, n_systems: int, params: LBFGSParams = LB
 
 
 def _per_system_dot(a: torch.Tensor, b: torch.Tensor, row_system: torch.Tensor, n_systems: int) -> torch.Tensor:
-    return _per_system_sum((a * b).sum(-1), row_system, n_systems)
+    return per_system_sum((a * b).sum(-1), row_system, n_systems)
 
 
 @torch.no_grad()

@@ -12,9 +12,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from markdown_it import MarkdownIt
 
+from relaxtune.evaluate import finite_mean
 from relaxtune.report.run import RunInfo, movement_items
 
 STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
@@ -49,11 +49,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return out
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    finite = [x for x in values if x is not None and math.isfinite(x)]
-    return float(np.mean(finite)) if finite else None
 
 
 def _percent(change: float | None, digits: int = 1) -> str:
@@ -145,7 +140,8 @@ def _held_out_section(cmp: dict | None, plots: dict[str, Path | None], data_note
     header = ["structure", "group", "Dq pretrained", "Dq fine-tuned", "change", "max disp pre (Å)",
               "max disp fine (Å)", "steps pre", "steps fine", "converged pre/fine"]
     lines += _table(header + (["ΔV/V pre", "ΔV/V fine"] if with_cell else []), rows)
-    mean_before, mean_after = _mean([r["dq"] for r in cmp["before"]]), _mean([r.get("dq") for r in after.values()])
+    mean_before = finite_mean([r["dq"] for r in cmp["before"]])
+    mean_after = finite_mean([r.get("dq") for r in after.values()])
     if mean_before is not None:
         change = (f" ({_percent((mean_after - mean_before) / mean_before)})"
                   if mean_after is not None and mean_before else "")
