@@ -1,5 +1,6 @@
 """Atomic file writes: a temporary file in the target's folder, flushed and fsynced, then ``os.replace``d onto the
-target, so that a reader (or a resumed run) sees the old file or the new one, never half of one. Every file
+target, so that a reader (or a resumed run) sees the old file or the new one, never half of one; and durable
+appends, for outputs that grow record by record (a kill loses at most the record being written). Every file
 relaxtune writes as a job goes (checkpoints, metrics, JSON results, trajectories, splits) goes through here."""
 
 from __future__ import annotations
@@ -37,3 +38,11 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     return atomic_write(path, lambda fh: torch.save(obj, fh), binary=True)
+
+
+def durable_append(text: str, path: str | Path) -> None:
+    """Append ``text`` to ``path``, flushed and fsynced before returning."""
+    with open(path, "a") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())

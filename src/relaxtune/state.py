@@ -88,6 +88,12 @@ class Batch:
             fixed=self.fixed[atom_idx],
         )
 
+    def concat(self, other: "Batch") -> "Batch":
+        """This batch's structures followed by ``other``'s (the inverse of ``select``)."""
+        joined = {f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)])
+                  for f in dataclasses.fields(Batch) if f.name != "system_idx"}
+        return Batch(**joined, system_idx=torch.cat([self.system_idx, other.system_idx + self.n_systems]))
+
     @classmethod
     def from_atoms(
         cls,

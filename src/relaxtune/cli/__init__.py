@@ -190,6 +190,17 @@ def load_model_or_fail(spec: str, dtype=None, option: str = "--model"):
         raise file_error(f"{option} {spec}", exc) from None
 
 
+def path_given_once(value: Path | None, name: str, old: Path | None, old_name: str, what: str) -> Path:
+    """The path of option ``name`` or of its old spelling ``old_name`` (given once, or the same twice); a
+    one-line error naming ``what`` is missing or given twice."""
+    if value is not None and old is not None and value != old:
+        raise UserInputError(f"{name} {value} and {old_name} {old}: give {what} once")
+    chosen = value if value is not None else old
+    if chosen is None:
+        raise UserInputError(f"{name}: missing ({what})")
+    return chosen
+
+
 def check_writable(path: Path, option: str) -> None:
     """Fail before any compute if ``path`` cannot be written (a folder, a missing or read-only folder)."""
     import os

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from relaxtune.cli import CONVENTION, UserInputError, app
+from relaxtune.cli import CONVENTION, UserInputError, app, path_given_once
 
 data_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        help="Reference relaxation datasets: build inputs, generate with DFT, inspect, split.")
@@ -39,16 +39,6 @@ def _user_errors(func):
             raise UserInputError(str(exc)) from None
 
     return wrapper
-
-
-def _given_once(value: Optional[Path], name: str, old: Optional[Path], old_name: str, what: str) -> Path:
-    """The path given by ``name`` or by its old spelling ``old_name`` (once, or the same twice)."""
-    if value is not None and old is not None and value != old:
-        raise UserInputError(f"{name} {value} and {old_name} {old}: give {what} once")
-    chosen = value if value is not None else old
-    if chosen is None:
-        raise UserInputError(f"{name}: missing ({what})")
-    return chosen
 
 
 @data_app.command("generate", epilog=CONVENTION)
@@ -76,7 +66,7 @@ def generate_cmd(
 
     from relaxtune.dft import GenerateSettings, generate, pending, preflight, read_structures
 
-    out = _given_once(out, "--out", out_short, "-o", "the folder to write the trajectories to")
+    out = path_given_once(out, "--out", out_short, "-o", "the folder to write the trajectories to")
     if not structures.exists():
         raise UserInputError(f"{structures}: file not found")
     atoms_list = read_structures(structures)
@@ -131,7 +121,7 @@ def build_cmd(
     """Build the initial structures of the shipped datasets (input for `relaxtune data generate`)."""
     from ase.io import write
 
-    out = _given_once(output, "-o/--output", out_old, "--out", "the extxyz file to write")
+    out = path_given_once(output, "-o/--output", out_old, "--out", "the extxyz file to write")
     from relaxtune.data.builders import build_crystals, build_si_defects
 
     if kind == "si-defects":

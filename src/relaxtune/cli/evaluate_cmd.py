@@ -24,8 +24,8 @@ import typer
 
 from relaxtune.atomic import atomic_write_text
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
-                           check_writable, default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort,
-                           use_threads)
+                           check_writable, default_dtype, deferred_interrupt, file_error, load_model_or_fail,
+                           note_on_abort, use_threads)
 
 
 

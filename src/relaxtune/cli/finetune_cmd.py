@@ -25,8 +25,9 @@ from typing import Literal, Optional
 
 import typer
 
-from relaxtune.cli import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError,
-                           app, can_create_in, check_model, default_dtype, file_error, note_on_abort, one_line, use_threads)
+from relaxtune.cli import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP,
+                           UserInputError, app, can_create_in, check_model, default_dtype, file_error, note_on_abort,
+                           one_line, path_given_once, use_threads)
 from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TrainConfig
 
 #: what a run writes to its folder: --overwrite deletes these (and nothing else) before it starts
@@ -293,11 +294,7 @@ def finetune_command(
     from relaxtune.train import distributed
     from relaxtune.train.finetune import finetune
 
-    if out is not None and out_short is not None and out != out_short:
-        raise UserInputError(f"--out {out} and -o {out_short}: give the run folder once")
-    out = out if out is not None else out_short
-    if out is None:
-        raise UserInputError("--out: missing (the run folder to write: best.pt, last.pt, metrics.csv, ...)")
+    out = path_given_once(out, "--out", out_short, "-o", "the run folder to write")
     use_threads(threads)
     try:  # under torchrun: join the process group (data-parallel over the ranks; see train/distributed.py)
         ctx = distributed.init_from_env(device)

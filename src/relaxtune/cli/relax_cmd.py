@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -25,10 +24,10 @@ from typing import Literal, Optional
 
 import typer
 
-from relaxtune.atomic import atomic_write_text
+from relaxtune.atomic import atomic_write_text, durable_append
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
-                           default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line, use_threads)
-
+                           default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line,
+                           use_threads)
 
 
 def read_structures(path: Path, index: str = ":") -> list:
@@ -135,10 +134,7 @@ def _append(structures: list, output: Path) -> None:
 
     buffer = io.StringIO()
     write(buffer, structures, format="extxyz")
-    with open(output, "a") as fh:
-        fh.write(buffer.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
+    durable_append(buffer.getvalue(), output)
 
 
 @app.command("relax", epilog=CONVENTION)

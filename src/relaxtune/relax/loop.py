@@ -481,13 +481,6 @@ def _select(prob: _Problem, carry: _Carry, keep: torch.Tensor) -> tuple[_Problem
                             prepared=prepared, anchor=(sub_batch.positions, sub_batch.cell))
 
 
-def _concat_batches(first: Batch, second: Batch) -> Batch:
-    """``first``'s structures followed by ``second``'s in one batch (the inverse of ``Batch.select``)."""
-    joined = {f.name: torch.cat([getattr(first, f.name), getattr(second, f.name)])
-              for f in dataclasses.fields(Batch) if f.name != "system_idx"}
-    return Batch(**joined, system_idx=torch.cat([first.system_idx, second.system_idx + first.n_systems]))
-
-
 def _merged_rows(first: _Problem, second: _Problem) -> torch.Tensor:
     """Where each row of the merged problem sits in the concatenation of ``first``'s rows and ``second``'s: the
     atoms of both, then (with the cell) the cell rows of both, as ``cell.row_system`` lays them out."""
@@ -505,7 +498,7 @@ def _concat(first: _Problem, first_carry: _Carry, second: _Problem, second_carry
     """One working problem of ``first``'s structures followed by ``second``'s (same model and configuration),
     each keeping its optimizer state and status; re-prepared on the merged batch. The inverse of ``_select``."""
     rows = _merged_rows(first, second)
-    base = _concat_batches(first.base, second.base)
+    base = first.base.concat(second.base)
     cf = None
     if first.cell is not None:
         cf = cellmod.CellFilter(torch.cat([first.cell.reference_cell, second.cell.reference_cell]),
