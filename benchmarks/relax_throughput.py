@@ -120,10 +120,10 @@ def load_crystals(count: int) -> list[Atoms]:
 @contextlib.contextmanager
 def timed_model_calls() -> Iterator[dict[str, Any]]:
     """Time relaxtune's model energy+forces calls in place; yields running totals (seconds, calls, structures)."""
-    import relaxtune.relax.loop as loop
+    import relaxtune.relax.working as working
 
     totals = {"seconds": 0.0, "calls": 0, "structures": 0}
-    original = loop.energy_and_forces
+    original = working.energy_and_forces
 
     def timed(model, batch, *args, **kwargs):
         t0 = time.perf_counter()
@@ -133,11 +133,11 @@ def timed_model_calls() -> Iterator[dict[str, Any]]:
         totals["structures"] += batch.n_systems
         return out
 
-    loop.energy_and_forces = timed
+    working.energy_and_forces = timed
     try:
         yield totals
     finally:
-        loop.energy_and_forces = original
+        working.energy_and_forces = original
 
 
 def run_relaxtune(model, structures: list[Atoms], optimizer: str, fmax: float, max_steps: int, batch_size: int,

@@ -209,7 +209,7 @@ def test_the_listed_choices_are_the_librarys():
     from relaxtune import cli
     from relaxtune.evaluate import STARTS
     from relaxtune.relax.implicit import GRAD_MODES
-    from relaxtune.relax.loop import OPTIMIZERS
+    from relaxtune.relax import OPTIMIZERS
     from relaxtune.train.config import TrainConfig
 
     assert set(cli.OPTIMIZERS) == set(OPTIMIZERS) and cli.STARTS == STARTS and cli.GRADS == GRAD_MODES[1:]

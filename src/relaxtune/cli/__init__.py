@@ -52,7 +52,7 @@ CONVENTION = ("Options of every relaxtune command: -o/--output FILE writes a fil
 
 #: the values of the options with a fixed set of choices; each equals the library's own tuple (tests/cli check
 #: that), copied here so that --help and the usage checks run without importing torch
-OPTIMIZERS = ("fire", "gd", "lbfgs")  # relaxtune.relax.loop.OPTIMIZERS
+OPTIMIZERS = ("fire", "gd", "lbfgs")  # relaxtune.relax.OPTIMIZERS
 STARTS = ("initial", "relaxed")  # relaxtune.evaluate.STARTS
 GRADS = ("full", "truncated", "checkpoint", "implicit", "hybrid")  # relaxtune.relax.implicit.GRAD_MODES[1:]
 HYBRID_HEADS = ("checkpoint", "full")  # TrainConfig.hybrid_head

@@ -1,7 +1,7 @@
 """In-flight batching for inference relaxations: relax many structures through a working batch kept full.
 
 ``relax_stream`` holds at most ``max_structures`` structures (and ``max_atoms`` atoms) in one working batch and
-steps them together with the loop of ``relaxtune.relax.loop`` (no graph). Whenever structures finish (converged,
+steps them together with the iteration of ``relaxtune.relax.working`` (no graph). Whenever structures finish (converged,
 blew up or reached ``max_steps``) they are handed out, in completion order with their input index, and the next
 input structures take their place, so a few slow structures never leave the batch nearly empty. A newcomer
 starts with a fresh optimizer state and 0 steps, as if relaxed alone; the others keep theirs. With a model that
@@ -20,8 +20,9 @@ import torch
 from ase import Atoms
 
 from relaxtune.potentials.base import EnergyModel
-from relaxtune.relax.loop import (RelaxConfig, _Carry, _check_finite, _concat, _frozen_parameters, _init_carry,
-                                  _one_step, _Problem, _select, _setup)
+from relaxtune.relax.config import RelaxConfig
+from relaxtune.relax.working import (Carry, Problem, check_finite, concat_systems, frozen_parameters, init_carry,
+                                     one_step, select_systems, setup)
 from relaxtune.state import Batch
 
 
@@ -54,8 +55,8 @@ class StreamProgress:
 class _Working:
     """The structures in flight: their problem, loop state and input indices."""
 
-    problem: _Problem
-    carry: _Carry
+    problem: Problem
+    carry: Carry
     ids: tuple[int, ...]
 
 
@@ -63,7 +64,7 @@ class _Working:
 def _inference(model: EnergyModel):
     """As ``relax(grad_mode="none")``: forces by autograd, no parameter gradients. Entered around each piece of
     work, never across a ``yield``, so that the caller's grad mode and parameters are untouched."""
-    with torch.enable_grad(), _frozen_parameters(model):
+    with torch.enable_grad(), frozen_parameters(model):
         yield
 
 
@@ -82,7 +83,7 @@ def relax_stream(model: EnergyModel, structures: Sequence[Atoms], config: RelaxC
     if len(structures) > 0:
         everything = Batch.from_atoms(list(structures), dtype=dtype)
         model.check_supported(everything)
-        _check_finite(everything)
+        check_finite(everything)
     return _stream(model, structures, config, max_structures, max_atoms, dtype, device, progress)
 
 
@@ -107,7 +108,7 @@ def _stream(model: EnergyModel, structures: Sequence[Atoms], config: RelaxConfig
             if not finished:
                 step += 1
                 report = StreamProgress(step, n_finished, len(structures), *_size(working))
-                working = replace(working, carry=_one_step(working.problem, working.carry))
+                working = replace(working, carry=one_step(working.problem, working.carry))
         yield from finished
         n_finished += len(finished)
         if progress is not None and report is not None:
@@ -140,13 +141,13 @@ def _start(model: EnergyModel, config: RelaxConfig, structures: Sequence[Atoms],
            device) -> _Working:
     """Newcomers as a working batch of their own: fresh optimizer states, evaluated, 0 steps."""
     batch = Batch.from_atoms([structures[i] for i in ids], dtype=dtype, device=device)
-    problem, rows, step = _setup(model, batch, config, None, create_graph=False)
-    return _Working(problem, _init_carry(problem, rows, step, None), tuple(ids))
+    problem, rows, step = setup(model, batch, config, None, create_graph=False)
+    return _Working(problem, init_carry(problem, rows, step, None), tuple(ids))
 
 
 def _join(working: _Working, newcomers: _Working) -> _Working:
     """The working batch with the newcomers appended (everyone keeps their state)."""
-    problem, carry = _concat(working.problem, working.carry, newcomers.problem, newcomers.carry)
+    problem, carry = concat_systems(working.problem, working.carry, newcomers.problem, newcomers.carry)
     return _Working(problem, carry, working.ids + newcomers.ids)
 
 
@@ -159,7 +160,7 @@ def _retire(working: _Working, max_steps: int) -> tuple[_Working | None, list[tu
     keep = torch.nonzero(~done).flatten()
     if len(keep) == 0:
         return None, finished
-    problem, carry = _select(working.problem, working.carry, keep)
+    problem, carry = select_systems(working.problem, working.carry, keep)
     return _Working(problem, carry, tuple(working.ids[k] for k in keep.tolist())), finished
 
 
