@@ -35,6 +35,9 @@ class EnergyModel(torch.nn.Module):
     readout_modules: tuple[str, ...] = ()
     embedding_modules: tuple[str, ...] = ()
     element_embedding_modules: tuple[str, ...] = ()
+    #: Å of neighbour-list padding: ``prepare`` lists pairs out to the cutoff plus ``skin``, so the energy stays
+    #: exact until an atom moved skin / 2 (relaxations rebuild then); 0: the topology is fixed for a whole call.
+    skin: float = 0.0
 
     def prepare(self, batch: Batch) -> Any:
         """Topology kept fixed for one unroll (neighbor list, graphs). Called on a detached batch."""
@@ -43,6 +46,16 @@ class EnergyModel(torch.nn.Module):
     def energy(self, batch: Batch, prepared: Any) -> torch.Tensor:
         """Total energies (n_systems,) in eV."""
         raise NotImplementedError
+
+    def prepare_parts(self, batch: Batch) -> list[Any] | None:
+        """Optional: ``prepare`` split per structure, so that a relaxation rebuilds only the structures that moved
+        and keeps the others' topology when structures leave or join its working batch. ``None``: not split
+        (the model builds its topology for a whole batch only). Called on a detached batch."""
+        return None
+
+    def join_parts(self, parts: Sequence[Any], batch: Batch) -> Any:
+        """The topology of ``batch`` from its structures' ``prepare_parts``, in order (no neighbour search)."""
+        raise NotImplementedError(f"{self.name} does not split its topology per structure")
 
     def check_supported(self, batch: Batch) -> None:
         """Raise ``UnsupportedElementError`` naming the structure and element the model cannot handle."""

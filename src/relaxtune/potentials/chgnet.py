@@ -2,8 +2,9 @@
 
 CHGNet's own path (``CrystalGraph`` -> ``BatchedGraph.from_graphs``) rebuilds bond vectors from fractional
 coordinates per graph in a Python loop, and its stress uses a detached cell volume. Here the crystal graphs
-are built in ``CHGNetModel.prepare`` (pymatgen neighbor search with CHGNet's cutoffs plus a skin, so that
-they stay exact while atoms move less than skin / 2), their index tensors concatenated with offsets into one batched topology, and
+are built per structure in ``CHGNetModel.prepare_parts`` (pymatgen neighbor search with CHGNet's cutoffs plus a
+skin, so that they stay exact while atoms move less than skin / 2), their index tensors concatenated with
+offsets into one batched topology (``join_parts``), and
 ``CHGNetModel.energy`` computes every bond vector in one vectorised torch expression from the current
 Cartesian positions and cells:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +45,18 @@ class CHGNetPrepared:
     composition: torch.Tensor  # (n_systems, 94) element counts
     n_atoms: torch.Tensor  # (n_systems,)
     graphs: tuple  # the CrystalGraphs (only used for custom, non-AtomRef composition models)
+
+
+@dataclass(frozen=True)
+class _GraphPart:
+    """One structure's crystal graph, indices local to it (``CHGNetModel.prepare_parts``)."""
+
+    graph: Any  # the CrystalGraph
+    atom_graph: torch.Tensor  # (n_dir, 2) center, neighbor
+    image: torch.Tensor  # (n_dir, 3) float64 image of the neighbor, in our unwrapped coordinates
+    directed2undirected: torch.Tensor
+    undirected2directed: torch.Tensor
+    bond_graph: torch.Tensor  # (n_angle, 5)
 
 
 def _quiet():
@@ -95,8 +109,12 @@ class CHGNetModel(EnergyModel):
         return float(self.model.graph_converter.atom_graph_cutoff)
 
     # ------------------------------------------------------------------ topology (once per unroll)
-    @torch.no_grad()
     def prepare(self, batch: Batch) -> CHGNetPrepared:
+        return self.join_parts(self.prepare_parts(batch), batch)
+
+    @torch.no_grad()
+    def prepare_parts(self, batch: Batch) -> list[_GraphPart]:
+        """Each structure's crystal graph (pymatgen neighbour search), indices local to the structure."""
         from pymatgen.core import Lattice, Structure
 
         self.check_supported(batch)
@@ -104,9 +122,7 @@ class CHGNetModel(EnergyModel):
         cells = batch.cell.detach().cpu().double().numpy()
         pbc = batch.pbc.cpu().numpy()
         numbers = batch.numbers.cpu().numpy()
-        graphs = []
-        atom_graph, image, edge_sys, d2u, u2d, bond_graph = [], [], [], [], [], []
-        atom_off = dir_off = und_off = 0
+        parts = []
         for k, sl in enumerate(batch.system_slices()):
             if abs(np.linalg.det(cells[k])) < 1e-6:  # pymatgen needs a lattice even along non-periodic axes
                 raise ValueError(f"structure {k}: CHGNet needs a cell with nonzero volume (put molecules in a box)")
@@ -116,7 +132,6 @@ class CHGNetModel(EnergyModel):
             )
             with _quiet():
                 graph = self.padded_converter(structure)
-            graphs.append(graph)
             ag = graph.atom_graph.long().reshape(-1, 2)
             img = graph.neighbor_image.double().reshape(-1, 3).numpy()
             # CHGNet's images refer to its own fractional coordinates; should pymatgen ever wrap them, shift
@@ -126,18 +141,29 @@ class CHGNetModel(EnergyModel):
             if ag.shape[0] and np.any(wrap):
                 ag_np = ag.numpy()
                 img = img + wrap[ag_np[:, 1]] - wrap[ag_np[:, 0]]
+            parts.append(_GraphPart(graph=graph, atom_graph=ag, image=torch.as_tensor(img),
+                                    directed2undirected=graph.directed2undirected.long(),
+                                    undirected2directed=graph.undirected2directed.long(),
+                                    bond_graph=graph.bond_graph.long().reshape(-1, 5)))
+        return parts
+
+    def join_parts(self, parts: Sequence[_GraphPart], batch: Batch) -> CHGNetPrepared:
+        """The batched topology: each structure's indices shifted past the atoms, directed and undirected edges
+        of the structures before it."""
+        atom_graph, image, edge_sys, d2u, u2d, bond_graph = [], [], [], [], [], []
+        atom_off = dir_off = und_off = 0
+        for k, (part, sl) in enumerate(zip(parts, batch.system_slices())):
+            ag = part.atom_graph
             atom_graph.append(ag + atom_off)
-            image.append(torch.as_tensor(img))
+            image.append(part.image)
             edge_sys.append(torch.full((ag.shape[0],), k, dtype=torch.long))
-            d2u.append(graph.directed2undirected.long() + und_off)
-            u2d.append(graph.undirected2directed.long() + dir_off)
-            bg = graph.bond_graph.long().reshape(-1, 5)
-            if bg.shape[0]:
-                offsets = torch.tensor([atom_off, und_off, dir_off, und_off, dir_off])
-                bond_graph.append(bg + offsets)
+            d2u.append(part.directed2undirected + und_off)
+            u2d.append(part.undirected2directed + dir_off)
+            if part.bond_graph.shape[0]:
+                bond_graph.append(part.bond_graph + torch.tensor([atom_off, und_off, dir_off, und_off, dir_off]))
             atom_off += sl.stop - sl.start
             dir_off += ag.shape[0]
-            und_off += graph.undirected2directed.shape[0]
+            und_off += part.undirected2directed.shape[0]
 
         device, dtype = batch.device, batch.dtype
         n_sys = batch.n_systems
@@ -156,7 +182,7 @@ class CHGNetModel(EnergyModel):
             bond_graph=(torch.cat(bond_graph) if bond_graph else torch.zeros(0, 5, dtype=torch.long)).to(device),
             composition=composition.to(device),
             n_atoms=batch.n_atoms_per_system.to(device),
-            graphs=tuple(graphs),
+            graphs=tuple(part.graph for part in parts),
         )
 
     # ------------------------------------------------------------------ energy (every step)

@@ -11,8 +11,7 @@ n_steps + 1 times.
 Gradient modes (``grad_mode``):
 
 * ``none``: inference. No graph; structures that are done are dropped from the working batch once a quarter of
-  it is done (the model is re-prepared on the smaller batch, or ``model.select_prepared(prepared, idx)`` is
-  used if the model has it), so finished structures cost nothing.
+  it is done, the others keeping their optimizer state and topology, so finished structures cost nothing.
 * ``full``: forces with ``create_graph=True`` at every step; the final positions carry the whole graph.
 * ``truncated``: a graph-free pass finds the trajectory, then the last ``truncate_steps`` steps are replayed
   from their stored (detached) start with the graph. Learnable step sizes re-enter that start multiplicatively
@@ -22,12 +21,12 @@ Gradient modes (``grad_mode``):
   ``torch.utils.checkpoint`` (``use_reentrant=False``) and are recomputed in the backward pass: memory
   O(k / block + block), same gradient as ``full`` to round-off.
 
-Topology: ``model.prepare`` runs at the start (positions are never wrapped mid-run). A model with a
-neighbour-list ``skin`` attribute (Å: every shipped adapter lists pairs out to its cutoff plus the skin, so the
-energy is exact until an atom moved skin / 2) is re-prepared whenever an atom (or a lattice vector) moved more
-than skin / 2 since the last prepare. The energy is then the model's true energy at every step, so convergence
-is judged on true forces and a structure lands where it would alone, whatever else is in the batch. A model
-without a skin keeps its topology for the whole call.
+Topology (``relax.topology``): built at the start (positions are never wrapped mid-run). With a model whose
+neighbour lists carry a ``skin`` (every shipped adapter: pairs out to the cutoff plus the skin, so the energy is
+exact until an atom moved skin / 2), a structure's topology is rebuilt whenever one of its own atoms (or lattice
+vectors) moved more than skin / 2 since its last build. The energy is then the model's true energy at every
+step, so convergence is judged on true forces and a structure lands where it would alone, whatever else is in
+the batch. A model without a skin keeps its topology for the whole call.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ def _run_truncated(model, batch, config, step_params, prepared, m: int, record_t
     start = history[0]
     state = _reattach(start.state, step_graph, step_plain)
     batch0 = graph.batch_at(state.positions)
-    ev = evaluate_at(graph, batch0, state.positions, start.prepared)
+    ev = evaluate_at(graph, batch0, state.positions, start.topology.prepared)
     carry = replace(start, state=state, ev=ev)
     for _ in range(m):
         carry = one_step(graph, carry)

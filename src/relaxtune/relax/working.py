@@ -18,6 +18,8 @@ import torch
 
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.relax import cell as cellmod
+from relaxtune.relax import topology
+from relaxtune.relax.topology import Topology, detached
 from relaxtune.relax.config import RelaxConfig, RelaxResult
 from relaxtune.relax.params import StepValues
 from relaxtune.relax.steps import (FireState, GDState, concat_states, fire_init, fire_step, gd_init, gd_step,
@@ -86,12 +88,7 @@ class Carry:
     state: GDState | FireState
     ev: Evaluation
     status: Status
-    prepared: Any = field(compare=False)
-    anchor: tuple[torch.Tensor, torch.Tensor]  # detached positions and cell at the last prepare
-
-
-def detached(batch: Batch) -> Batch:
-    return batch.replace(positions=batch.positions.detach(), cell=batch.cell.detach())
+    topology: Topology = field(compare=False)
 
 
 def evaluate_at(prob: Problem, batch: Batch, rows: torch.Tensor, prepared: Any) -> Evaluation:
@@ -123,17 +120,6 @@ def initial_status(prob: Problem, ev: Evaluation) -> Status:
                    converged=(ev.fmax < prob.config.fmax) & ~ev.bad, blew_up=ev.bad.clone(), fmax=ev.fmax)
 
 
-def reprepare_if_moved(prob: Problem, batch: Batch, prepared: Any, anchor):
-    if not prob.skin:
-        return prepared, anchor
-    pos, cell = batch.positions.detach(), batch.cell.detach()
-    moved = torch.linalg.vector_norm(pos - anchor[0], dim=-1).max() if pos.shape[0] else pos.new_zeros(())
-    strained = torch.linalg.vector_norm(cell - anchor[1], dim=-1).max()
-    if max(moved.item(), strained.item()) <= 0.5 * prob.skin:
-        return prepared, anchor
-    return prob.model.prepare(detached(batch)), (pos, cell)
-
-
 def one_step(prob: Problem, carry: Carry) -> Carry:
     cfg = prob.config
     active = ~carry.status.done(cfg.max_steps)
@@ -149,8 +135,8 @@ def one_step(prob: Problem, carry: Carry) -> Carry:
         new = fire_step(carry.state, forces, prob.row_system, cfg.fire_params)
     state = merge_states(active, new, carry.state, prob.row_system)
     batch = prob.batch_at(state.positions)
-    prepared, anchor = reprepare_if_moved(prob, batch, carry.prepared, carry.anchor)
-    ev = evaluate_at(prob, batch, state.positions, prepared)
+    topo = topology.refreshed(prob.model, carry.topology, batch, prob.skin)
+    ev = evaluate_at(prob, batch, state.positions, topo.prepared)
     old = carry.status
     fmax = torch.where(active, ev.fmax, old.fmax)
     status = Status(
@@ -159,7 +145,7 @@ def one_step(prob: Problem, carry: Carry) -> Carry:
         blew_up=torch.where(active, ev.bad, old.blew_up),
         fmax=fmax,
     )
-    return Carry(state=state, ev=ev, status=status, prepared=prepared, anchor=anchor)
+    return Carry(state=state, ev=ev, status=status, topology=topo)
 
 
 def segment(prob: Problem, carry: Carry, n: int) -> tuple[Carry, list[torch.Tensor]]:
@@ -202,11 +188,10 @@ def setup(model, batch, config, step_params, create_graph) -> tuple[Problem, Any
         rows, row_system, free = batch.positions, batch.system_idx, ~batch.fixed
     if not create_graph:
         rows = rows.detach()
-    skin = getattr(model, "skin", None)
     base = detached(batch) if cf is not None else batch.replace(cell=batch.cell if create_graph else batch.cell.detach())
     prob = Problem(model=model, config=config, base=base, cell=cf, row_system=row_system, free_rows=free,
                     row_scale=atom_scale, momentum=momentum, create_graph=create_graph,
-                    skin=float(skin) if isinstance(skin, (int, float)) and skin > 0 else None)
+                    skin=float(model.skin) if model.skin > 0 else None)
     return prob, rows, step
 
 
@@ -220,11 +205,9 @@ def init_carry(prob: Problem, rows: torch.Tensor, step, prepared) -> Carry:
     else:
         state = fire_init(rows, n, cfg.fire_params, dt=step)
     batch = prob.batch_at(rows)
-    if prepared is None:
-        prepared = prob.model.prepare(detached(batch))
-    ev = evaluate_at(prob, batch, rows, prepared)
-    anchor = (batch.positions.detach(), batch.cell.detach())
-    return Carry(state=state, ev=ev, status=initial_status(prob, ev), prepared=prepared, anchor=anchor)
+    topo = topology.built(prob.model, batch) if prepared is None else topology.given(prepared, batch)
+    ev = evaluate_at(prob, batch, rows, topo.prepared)
+    return Carry(state=state, ev=ev, status=initial_status(prob, ev), topology=topo)
 
 
 def to_result(prob: Problem, carry: Carry, trace: list[torch.Tensor] | None) -> RelaxResult:
@@ -241,7 +224,7 @@ def report_progress(progress, step: int, status: Status, max_steps: int) -> None
 
 
 def select_systems(prob: Problem, carry: Carry, keep: torch.Tensor) -> tuple[Problem, Carry]:
-    """The working problem restricted to structures ``keep`` (local indices), re-prepared."""
+    """The working problem restricted to structures ``keep`` (local indices), each keeping its state."""
     atoms, rows = prob.rows_of(keep)
     batch_now = prob.batch_at(carry.state.positions)
     base = prob.base.select(keep)
@@ -256,11 +239,8 @@ def select_systems(prob: Problem, carry: Carry, keep: torch.Tensor) -> tuple[Pro
     st = carry.status
     new_status = Status(n_steps=st.n_steps[keep], converged=st.converged[keep], blew_up=st.blew_up[keep],
                          fmax=st.fmax[keep])
-    sub_batch = detached(batch_now.select(keep))
-    selector = getattr(prob.model, "select_prepared", None)
-    prepared = selector(carry.prepared, keep) if selector is not None else prob.model.prepare(sub_batch)
-    return new_prob, Carry(state=select_state(carry.state, keep, rows), ev=new_ev, status=new_status,
-                            prepared=prepared, anchor=(sub_batch.positions, sub_batch.cell))
+    topo = topology.selected(prob.model, carry.topology, keep, atoms, batch_now.select(keep))
+    return new_prob, Carry(state=select_state(carry.state, keep, rows), ev=new_ev, status=new_status, topology=topo)
 
 
 def _merged_rows(first: Problem, second: Problem) -> torch.Tensor:
@@ -278,7 +258,7 @@ def _merged_rows(first: Problem, second: Problem) -> torch.Tensor:
 
 def concat_systems(first: Problem, first_carry: Carry, second: Problem, second_carry: Carry) -> tuple[Problem, Carry]:
     """One working problem of ``first``'s structures followed by ``second``'s (same model and configuration),
-    each keeping its optimizer state and status; re-prepared on the merged batch. The inverse of ``select_systems``."""
+    each keeping its optimizer state, status and topology. The inverse of ``select_systems``."""
     rows = _merged_rows(first, second)
     base = first.base.concat(second.base)
     cf = None
@@ -299,9 +279,9 @@ def concat_systems(first: Problem, first_carry: Carry, second: Problem, second_c
     status = Status(**{f.name: torch.cat([getattr(first_carry.status, f.name), getattr(second_carry.status, f.name)])
                         for f in dataclasses.fields(Status)})
     state = concat_states(first_carry.state, second_carry.state, rows)
-    batch = detached(prob.batch_at(state.positions))
-    return prob, Carry(state=state, ev=ev, status=status, prepared=prob.model.prepare(batch),
-                        anchor=(batch.positions, batch.cell))
+    topo = topology.concatenated(prob.model, first_carry.topology, second_carry.topology,
+                                 prob.batch_at(state.positions))
+    return prob, Carry(state=state, ev=ev, status=status, topology=topo)
 
 
 @contextlib.contextmanager
