@@ -25,6 +25,7 @@ from typing import Literal, Optional
 import typer
 
 from relaxtune.atomic import atomic_write_text, durable_append
+from relaxtune.data import structures
 from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
                            default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line,
                            use_threads)
@@ -32,39 +33,15 @@ from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError,
 
 def read_structures(path: Path, index: str = ":") -> list:
     """All structures of an ASE-readable file, validated; one-line ``UserInputError`` naming the problem."""
-    import numpy as np
-    from ase.io import read
-
-    if not path.exists():
-        raise UserInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserInputError(f"{path}: is a folder, not a structure file")
     if not re.fullmatch(r"-?\d+|-?\d*:-?\d*(:-?\d*)?", index.strip()):
         raise UserInputError(f"--index {index}: not an index of frames (':' all, '-1' the last, '0:10' the "
                              "first ten, '::2' every other)")
     try:
-        frames = read(str(path), index=index)
-    except Exception as exc:  # ASE raises many kinds (UnknownFileTypeError, ValueError, StopIteration, ...)
-        raise file_error(f"{path}: cannot read structures", exc) from None
-    if not isinstance(frames, list):
-        frames = [frames]
-    if not frames:
-        raise UserInputError(f"{path}: no structures in the file")
-    for i, atoms in enumerate(frames):
-        if len(atoms) == 0:
-            raise UserInputError(f"{path}: structure {i}: no atoms")
-        if not np.isfinite(atoms.positions).all():
-            atom = int(np.nonzero(~np.isfinite(atoms.positions).all(1))[0][0])
-            raise UserInputError(f"{path}: structure {i}: positions: non-finite coordinates (atom {atom})")
-        cell = atoms.cell.array
-        if not np.isfinite(cell).all():
-            raise UserInputError(f"{path}: structure {i}: cell: non-finite lattice vectors")
-        if atoms.pbc.any():
-            volume = abs(np.linalg.det(cell))
-            if volume < 1e-6 * max(1.0, len(atoms)):
-                raise UserInputError(f"{path}: structure {i}: cell: singular (volume {volume:.3g} Å^3) for a "
-                                     "periodic structure")
-    return frames
+        return structures.read_structures(path, index)
+    except structures.StructureFileError as exc:
+        if exc.__cause__ is not None:  # the reader's own error, in plain words
+            raise file_error(str(exc), exc.__cause__) from None
+        raise UserInputError(str(exc)) from None
 
 
 def _load(spec: str, device: str):
