@@ -16,7 +16,7 @@ SRC = Path(relaxtune.__file__).resolve().parent
 #: each part of the package and its layer; a part imports only from lower layers (or from itself)
 LAYERS = {
     "relaxtune": 0, "relaxtune.state": 0, "relaxtune.atomic": 0,
-    "relaxtune.neighbors": 1, "relaxtune.metrics": 1,
+    "relaxtune.neighbors": 1, "relaxtune.metrics": 1, "relaxtune.markdown": 1,
     "relaxtune.potentials": 2, "relaxtune.symmetry": 2,
     "relaxtune.calculator": 3, "relaxtune.relax": 3,
     "relaxtune.data": 4,

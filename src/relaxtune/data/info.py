@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from relaxtune.atomic import atomic_write_text
+from relaxtune.markdown import markdown_table
 from relaxtune.data.load import load_pairs
 from relaxtune.data.pairs import DataWarning, RelaxationPair, frame_stress, read_splits_file
 from relaxtune.data.registry import DATASETS, REFERENCE_LEVEL, BuiltinDataset, parse_builtin
@@ -163,12 +164,6 @@ def format_info(info: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- datasheet
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return out
-
-
 def datasheet(name: str) -> str:
     """The markdown datasheet of a shipped dataset (``NAME`` or ``builtin:NAME``), computed from its files."""
     ds, _ = parse_builtin(name)
@@ -211,7 +206,7 @@ def datasheet(name: str) -> str:
         for split, groups in splits.items():
             members = [p for p in pairs if p.group in set(groups)]
             rows.append([split, ", ".join(groups), len(members), sum(1 for p in members if p.converged)])
-        lines += _table(["split", "groups", "structures present", "converged"], rows)
+        lines += markdown_table(["split", "groups", "structures present", "converged"], rows)
     else:
         lines.append("No splits.json.")
     if pairs:
@@ -223,7 +218,7 @@ def datasheet(name: str) -> str:
             atoms = sorted({p.n_atoms for p in members})
             rows.append([group, split, n, sum(1 for p in members if p.converged),
                          "/".join(str(a) for a in atoms)])
-        lines += _table(["group", "split", "structures", "converged", "atoms"], rows)
+        lines += markdown_table(["group", "split", "structures", "converged", "atoms"], rows)
     views = [d for d in DATASETS.values() if d.is_view and d.folder == ds.folder]
     for view in views:
         members = [p for p in pairs if view.view.keeps_pair(p)]

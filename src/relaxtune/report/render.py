@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from markdown_it import MarkdownIt
 
 from relaxtune.evaluate import finite_mean
+from relaxtune.markdown import markdown_table
 from relaxtune.report.run import RunInfo, movement_items
 
 STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
@@ -38,17 +39,8 @@ def format_value(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _cell(value: Any) -> str:
-    """A markdown table cell: strings as they are, other values formatted; a literal | escaped."""
-    text = value if isinstance(value, str) else format_value(value)
-    return text.replace("|", "\\|")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """A GitHub-style markdown table (the lines; a blank line must follow it)."""
-    out = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return out
+    return markdown_table(header, rows, format_value)
 
 
 def _percent(change: float | None, digits: int = 1) -> str:
