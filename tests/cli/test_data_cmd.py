@@ -40,8 +40,9 @@ def test_generate_then_info(monkeypatch, capsys, tmp_path, structures):
     assert "failed structures in" in stdout
     code, stdout, _ = run(monkeypatch, capsys, "data", "generate", structures, "--out", out, "--calculator", "emt")
     assert "0 to relax" in stdout and "4 skipped" in stdout  # resumable
-    code, stdout, _ = run(monkeypatch, capsys, "data", "info", out, "--json")
-    info = json.loads(stdout)
+    code, stdout, _ = run(monkeypatch, capsys, "data", "info", out, "--json", tmp_path / "info.json")
+    assert code == 0 and "3 relaxations, 3 converged" in stdout and f"wrote {tmp_path / 'info.json'}" in stdout
+    info = json.loads((tmp_path / "info.json").read_text())
     assert info["n_structures"] == 3 and info["n_converged"] == 3 and info["species"] == ["Cu"]
     assert info["n_failed"] == 1 and "No EMT-potential" in info["failed"]["si_0"]
     assert set(info["splits"]) >= {"train", "val", "test"}
@@ -107,7 +108,7 @@ def test_data_commands_follow_the_output_convention(monkeypatch, capsys, tmp_pat
 
 
 def test_info_builtin_and_errors(monkeypatch, capsys, tmp_path):
-    code, stdout, _ = run(monkeypatch, capsys, "data", "info", "builtin:si-defects", "--json")
+    code, stdout, _ = run(monkeypatch, capsys, "data", "info", "builtin:si-defects", "--json", "-")
     info = json.loads(stdout)
     assert code == 0 and info["n_structures"] >= 3 and "Si" in info["species"]
     assert info["splits"]["val"]["groups"] == ["int_H", "As_V"] and info["n_planned"] == 3 * len(SI_DEFECT_TYPES)
@@ -115,6 +116,8 @@ def test_info_builtin_and_errors(monkeypatch, capsys, tmp_path):
     assert "progress:" in stdout and "split test:" in stdout and "level: GPAW" in stdout
     code, _, err = run(monkeypatch, capsys, "data", "info", "builtin:nothing")
     assert code == 2 and err.startswith("error: builtin:nothing: dataset: unknown")
+    code, _, err = run(monkeypatch, capsys, "data", "info", "builtin:si-defects", "--json", tmp_path)
+    assert code == 2 and err.strip() == f"error: --json {tmp_path}: is a folder, not a file"
     bad = tmp_path / "bad.extxyz"
     one = bulk("Cu", "fcc", a=3.6, cubic=True)
     write(bad, [one, one[:3]])
@@ -131,7 +134,7 @@ def test_split_writes_a_group_split(monkeypatch, capsys, tmp_path, structures):
     assert code == 0 and "wrote" in stdout
     split = json.loads((out / "splits.json").read_text())
     assert sorted(g for v in split.values() for g in v) == ["g0", "g1", "g2"]
-    code, stdout, _ = run(monkeypatch, capsys, "data", "info", out, "--json")
+    code, stdout, _ = run(monkeypatch, capsys, "data", "info", out, "--json", "-")
     assert {k: v["groups"] for k, v in json.loads(stdout)["splits"].items()} == split
     code, _, err = run(monkeypatch, capsys, "data", "split", out, "--fractions", "a,b")
     assert code == 2 and "--fractions" in err

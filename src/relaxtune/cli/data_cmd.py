@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from relaxtune.cli import CONVENTION, UserInputError, app, path_given_once
+from relaxtune.atomic import atomic_write_text
+from relaxtune.cli import CONVENTION, UserInputError, app, check_writable, path_given_once
 
 data_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        help="Reference relaxation datasets: build inputs, generate with DFT, inspect, split.")
@@ -142,20 +143,28 @@ def build_cmd(
 @_user_errors
 def info_cmd(
     target: str = typer.Argument(..., help="A file, a folder, INITIAL:FINAL, or builtin:NAME[:SPLIT]."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    json_path: Optional[str] = typer.Option(None, "--json", metavar="FILE",
+                                            help="Also write the facts as one JSON object to FILE ('-': print "
+                                                 "it instead of the text)."),
     write_datasheet_: bool = typer.Option(False, "--write-datasheet",
                                           help="Also (re)write the DATASHEET.md of a builtin dataset."),
 ) -> None:
     """Counts, species, sizes, convergence, settings and splits of a dataset."""
     from relaxtune.data.info import dataset_info, format_info, write_datasheet
 
+    to_stdout = json_path == "-"
+    if json_path is not None and not to_stdout:
+        check_writable(Path(json_path), "--json")
+    if write_datasheet_ and not target.startswith("builtin:"):
+        raise UserInputError(f"{target}: --write-datasheet is for builtin datasets")
     info = dataset_info(target)
-    typer.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+    typer.echo(json.dumps(info, indent=1) if to_stdout else format_info(info))
+    if json_path is not None and not to_stdout:
+        atomic_write_text(json.dumps(info, indent=1) + "\n", Path(json_path))
+        typer.echo(f"wrote {json_path}")
     if write_datasheet_:
-        if not target.startswith("builtin:"):
-            raise UserInputError(f"{target}: --write-datasheet is for builtin datasets")
         path = write_datasheet(target)
-        if not as_json:
+        if not to_stdout:
             typer.echo(f"wrote {path}")
 
 
