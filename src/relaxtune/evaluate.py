@@ -39,8 +39,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from relaxtune.potentials.base import EnergyModel
+from relaxtune.relax import RelaxConfig, relax
 from relaxtune.state import Batch
 from relaxtune.symmetry import symmetric_distance, symmetry_operations
 from relaxtune import metrics as distance
@@ -117,7 +119,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _chunks(items: Sequence, size: int) -> list[Sequence]:
+def chunks(items: Sequence, size: int) -> list[Sequence]:
     """Consecutive chunks of at most ``size`` pairs that agree on ``relax_cell`` (one relaxation call each);
     the order of ``items`` is kept."""
     size = max(1, int(size))
@@ -187,8 +189,6 @@ def evaluate(
     compare with its final structure (also up to the initial structure's symmetry at ``symprec``, if given).
     ``step_size`` is η: GD's step (Å²/eV) or FIRE's initial dt; None keeps ``RelaxConfig``'s default.
     ``details`` adds ``displacements`` and ``energy_trace`` to the rows (module docstring)."""
-    from relaxtune.relax import RelaxConfig, relax
-
     start_structures([], start)  # reject a bad start before any work
 
     dtype = dtype or model_dtype(model)
@@ -197,13 +197,11 @@ def evaluate(
     configs = {free: RelaxConfig(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=free, **eta)
                for free in (False, True)}
     rows: list[dict[str, Any]] = []
-    chunks = _chunks(list(pairs), batch_size)
+    pieces = chunks(list(pairs), batch_size)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False)
-    for chunk in chunks:
+    for chunk in pieces:
         batch = Batch.from_atoms(start_structures(chunk, start), dtype=dtype, device=device)
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import spglib
 import torch
 from ase import Atoms
 
@@ -49,8 +50,6 @@ def _wrapped_distances(frac_a: np.ndarray, frac_b: np.ndarray, cell: np.ndarray)
 def symmetry_operations(atoms: Atoms, symprec: float) -> SymmetryOperations:
     """The space-group operations spglib finds for ``atoms`` at ``symprec`` (Å) that map every atom onto a
     distinct atom of the same species within ``2 * symprec``; the identity alone when there are none."""
-    import spglib
-
     frac = atoms.get_scaled_positions()
     cell = atoms.cell.array
     numbers = atoms.get_atomic_numbers()

@@ -116,6 +116,7 @@ def test_json_is_written_after_every_batch_and_ctrl_c_keeps_it(monkeypatch, caps
     """--json holds the finished structures as the run goes ("partial": true); Ctrl-C leaves that file, says so
     on one line and exits 130. Batch by batch, the numbers are those of one evaluate() call."""
     import relaxtune.evaluate
+    from relaxtune.cli import evaluate_cmd
     from relaxtune.data import load_pairs
     from relaxtune.potentials import load_model
 
@@ -141,7 +142,7 @@ def test_json_is_written_after_every_batch_and_ctrl_c_keeps_it(monkeypatch, caps
         return real(*args, **kwargs)
 
     out.unlink()
-    monkeypatch.setattr(relaxtune.evaluate, "evaluate", interrupted_at_the_second_batch)
+    monkeypatch.setattr(evaluate_cmd, "evaluate", interrupted_at_the_second_batch)
     code, _, err = run(monkeypatch, capsys, "evaluate", dataset, "-m", "sw", "--batch-size", "2", "--max-steps",
                        "30", "--json", out, "--no-progress")
     assert code == 130 and err.strip().splitlines() == [f'aborted: 2 of 4 structures evaluated are in {out} '

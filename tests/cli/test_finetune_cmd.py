@@ -232,6 +232,7 @@ def test_overwrite_starts_a_run_afresh_and_the_old_o_still_names_the_folder(monk
 
 def test_ctrl_c_says_where_the_run_can_be_resumed(monkeypatch, capsys, dataset, tmp_path):
     import relaxtune.train.finetune
+    from relaxtune.cli import finetune_cmd
 
     out = tmp_path / "run"
 
@@ -240,7 +241,7 @@ def test_ctrl_c_says_where_the_run_can_be_resumed(monkeypatch, capsys, dataset, 
         (out_dir / "last.pt").write_bytes(b"epoch 1")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(relaxtune.train.finetune, "finetune", interrupted_after_an_epoch)
+    monkeypatch.setattr(finetune_cmd, "finetune", interrupted_after_an_epoch)
     code, _, err = run(monkeypatch, capsys, "finetune", dataset, "--out", out, *SW_ARGS)
     assert code == 130
     assert err.strip().splitlines()[-1] == f"aborted: {out}/last.pt holds the last finished epoch; --resume continues the run"

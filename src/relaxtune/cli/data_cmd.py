@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import warnings
@@ -16,9 +17,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from ase.io import write
+from tqdm import tqdm
 
 from relaxtune.atomic import atomic_write_text
-from relaxtune.cli import CONVENTION, UserInputError, app, check_writable, path_given_once
+from relaxtune.data import DataError, load_pairs, random_group_split, write_splits
+from relaxtune.data.builders import build_crystals, build_si_defects
+from relaxtune.data.info import dataset_info, datasheet, format_info, write_datasheet
+from relaxtune.data.splits import groups_of
+from relaxtune.dft import GenerateError, GenerateSettings, generate, pending, preflight, read_structures
+from relaxtune.cli.common import CONVENTION, UserInputError, app, check_writable, path_given_once
 
 data_app = typer.Typer(no_args_is_help=True, add_completion=False,
                        help="Reference relaxation datasets: build inputs, generate with DFT, inspect, split.")
@@ -27,13 +35,8 @@ app.add_typer(data_app, name="data")
 
 def _user_errors(func):
     """Turn data/generation errors into one-line user errors (exit 2)."""
-    import functools
-
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from relaxtune.dft import GenerateError
-        from relaxtune.data.pairs import DataError
-
         try:
             return func(*args, **kwargs)
         except (DataError, GenerateError) as exc:
@@ -63,10 +66,6 @@ def generate_cmd(
     pseudo: List[str] = typer.Option([], help="espresso: EL=FILE to choose a pseudopotential (repeatable)."),
 ) -> None:
     """Relax every structure with an ASE calculator and write its trajectory (resumable, --jobs workers)."""
-    from tqdm import tqdm
-
-    from relaxtune.dft import GenerateSettings, generate, pending, preflight, read_structures
-
     out = path_given_once(out, "--out", out_short, "-o", "the folder to write the trajectories to")
     if not structures.exists():
         raise UserInputError(f"{structures}: file not found")
@@ -120,10 +119,7 @@ def build_cmd(
     n_per_prototype: int = typer.Option(8, min=1, help="crystals: strained/rattled copies per prototype."),
 ) -> None:
     """Build the initial structures of the shipped datasets (input for `relaxtune data generate`)."""
-    from ase.io import write
-
     out = path_given_once(output, "-o/--output", out_old, "--out", "the extxyz file to write")
-    from relaxtune.data.builders import build_crystals, build_si_defects
 
     if kind == "si-defects":
         atoms = build_si_defects(seeds=tuple(seed) if seed else (1, 2, 3))
@@ -150,8 +146,6 @@ def info_cmd(
                                           help="Also (re)write the DATASHEET.md of a builtin dataset."),
 ) -> None:
     """Counts, species, sizes, convergence, settings and splits of a dataset."""
-    from relaxtune.data.info import dataset_info, format_info, write_datasheet
-
     to_stdout = json_path == "-"
     if json_path is not None and not to_stdout:
         check_writable(Path(json_path), "--json")
@@ -175,8 +169,6 @@ def datasheet_cmd(
     write: bool = typer.Option(False, "--write", help="Write DATASHEET.md into the dataset folder."),
 ) -> None:
     """Print (or write) the markdown datasheet of a shipped dataset, computed from its files."""
-    from relaxtune.data.info import datasheet, write_datasheet
-
     if write:
         typer.echo(f"wrote {write_datasheet(name)}")
     else:
@@ -193,9 +185,6 @@ def split_cmd(
                                        help="Where to write splits.json (default: print it)."),
 ) -> None:
     """A deterministic group-wise random split (whole groups go to train, val or test)."""
-    from relaxtune.data import load_pairs, random_group_split, write_splits
-    from relaxtune.data.splits import groups_of
-
     try:
         fr = [float(x) for x in fractions.split(",")]
     except ValueError:

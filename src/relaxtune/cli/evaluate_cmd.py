@@ -20,10 +20,19 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
+import torch
 import typer
+from tqdm import tqdm
 
 from relaxtune.atomic import atomic_write_text
-from relaxtune.cli import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
+from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
+from relaxtune.data.pairs import dft_frames
+from relaxtune.evaluate import Evaluation, chunks, evaluate, summarize
+from relaxtune.potentials.base import UnsupportedElementError
+from relaxtune.potentials.checkpoint import base_model_spec, unseen_species
+from relaxtune.retention import retention, retention_lines
+from relaxtune.train import distributed
+from relaxtune.cli.common import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
                            check_writable, default_dtype, deferred_interrupt, file_error, load_model_or_fail,
                            note_on_abort, use_threads)
 
@@ -59,13 +68,6 @@ def evaluate_command(
                                          "each rank's own GPU cuda:LOCAL_RANK when CUDA is available)."),
 ) -> None:
     """Relax every initial structure of DATA with a model and compare with the DFT-relaxed one."""
-    import torch
-
-    from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
-    from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.train import distributed
-    from relaxtune.potentials.checkpoint import unseen_species
-
     if json_path is not None:
         check_writable(json_path, "--json")
     check_model(model)
@@ -131,15 +133,11 @@ def evaluate_command(
 def evaluate_as_it_goes(net, pairs: list, settings: dict, json_path: Optional[Path], about: dict, progress: bool):
     """``relaxtune.evaluate.evaluate`` one batch at a time (the same batches, so the same numbers), rewriting
     ``json_path`` after each with the rows so far (``"partial": true``). Ctrl-C keeps that file and says so."""
-    from tqdm import tqdm
-
-    from relaxtune.evaluate import Evaluation, _chunks, evaluate, summarize
-
     rows: list = []
     metrics: dict = {}
     bar = tqdm(total=len(pairs), desc="evaluate", unit="structure", leave=False, disable=not progress)
     try:
-        for chunk in _chunks(list(pairs), settings["batch_size"]):
+        for chunk in chunks(list(pairs), settings["batch_size"]):
             part = evaluate(net, chunk, progress=False, **settings)
             with deferred_interrupt():  # the file and the count in the 'aborted' line agree
                 rows.extend(part.rows)
@@ -160,11 +158,6 @@ def evaluate_as_it_goes(net, pairs: list, settings: dict, json_path: Optional[Pa
 def retention_command(model: str, data: Optional[str], split: Optional[str], json_path: Optional[Path]) -> None:
     """``evaluate --retention``: the retention suite of ``relaxtune.retention`` for checkpoint ``model`` against
     the model it was trained from, over its training elements (and DATA's DFT frames, if given)."""
-    from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
-    from relaxtune.retention import retention, retention_lines
-    from relaxtune.potentials.checkpoint import base_model_spec
-    from relaxtune.data.pairs import dft_frames
-
     try:
         base = base_model_spec(model)
     except (ValueError, OSError) as exc:

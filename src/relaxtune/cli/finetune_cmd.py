@@ -19,13 +19,20 @@ at most the epoch under way, and --resume continues it. A folder that holds a ru
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal, Optional
 
 import typer
+import yaml
 
-from relaxtune.cli import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP,
+from relaxtune.data import DataError, has_splits, load_pairs, train_and_val
+from relaxtune.potentials.checkpoint import read_checkpoint
+from relaxtune.train import distributed
+from relaxtune.train.finetune import finetune
+from relaxtune.cli.common import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP,
                            UserInputError, app, can_create_in, check_model, default_dtype, file_error, note_on_abort,
                            one_line, path_given_once, use_threads)
 from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TrainConfig
@@ -45,8 +52,6 @@ CONFIG_FILE_ONLY = frozenset({
 
 
 def _load_pairs(spec: str, option: str) -> list:
-    from relaxtune.data import DataError, load_pairs
-
     try:
         return load_pairs(spec)
     except (DataError, FileNotFoundError, ValueError) as exc:
@@ -55,8 +60,6 @@ def _load_pairs(spec: str, option: str) -> list:
 
 def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str]:
     """(train pairs, validation pairs, a one-line description of where they came from)."""
-    from relaxtune.data import has_splits, train_and_val
-
     pairs = _load_pairs(train_spec, "TRAIN")
     split = has_splits(pairs)
     train, val = train_and_val(pairs)
@@ -79,8 +82,6 @@ def resolve_data(train_spec: str, val_spec: str | None) -> tuple[list, list, str
 def check_run_folder(out: Path, resume: bool, overwrite: bool = False) -> None:
     """Before any compute: ``out`` must be a folder we can write, and a finished or killed run there is only
     continued with ``--resume``, or started afresh with ``--overwrite``; never overwritten unasked."""
-    import os
-
     if resume and overwrite:
         raise UserInputError("--resume and --overwrite: give one (continue the run in --out, or start it afresh)")
     if out.exists() and not out.is_dir():
@@ -111,8 +112,6 @@ def clear_run_folder(out: Path) -> list[str]:
 def apply_config_file(config: TrainConfig, path: Path, given: set[str]) -> TrainConfig:
     """``config`` with the TrainConfig fields of YAML file ``path``, except those in ``given`` (options typed on
     the command line win). One-line errors name the file and the field."""
-    import yaml
-
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -162,8 +161,6 @@ RESUMABLE_CHANGES = ("epochs", "patience")
 
 def check_resume_options(out: Path, config: TrainConfig) -> None:
     """A resumed run continues with its stored settings; refuse, in one line, options that say otherwise."""
-    from relaxtune.potentials.checkpoint import read_checkpoint
-
     last = out / "last.pt"
     if not last.exists():
         return
@@ -287,12 +284,8 @@ def finetune_command(
     time left.
     """
     options = {name: value for name, value in locals().items() if name in CONFIG_FIELDS}  # first: only the options
-    import json
 
-    import torch
 
-    from relaxtune.train import distributed
-    from relaxtune.train.finetune import finetune
 
     out = path_given_once(out, "--out", out_short, "-o", "the run folder to write")
     use_threads(threads)

@@ -22,11 +22,22 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
+import torch
 import typer
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+from ase.stress import full_3x3_to_voigt_6_stress
+from ase.units import GPa
+from tqdm import tqdm
 
 from relaxtune.atomic import atomic_write_text, durable_append
+from relaxtune.potentials.base import UnsupportedElementError
+from relaxtune.potentials.checkpoint import unseen_species
+from relaxtune.relax import RelaxConfig, relax_stream
+from relaxtune.state import Batch
 from relaxtune.data import structures
-from relaxtune.cli import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
+from relaxtune.cli.common import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
                            default_dtype, deferred_interrupt, file_error, load_model_or_fail, note_on_abort, one_line,
                            use_threads)
 
@@ -45,8 +56,6 @@ def read_structures(path: Path, index: str = ":") -> list:
 
 
 def _load(spec: str, device: str):
-    import torch
-
     dtype = getattr(torch, default_dtype(spec))
     model = load_model_or_fail(spec, dtype)
     return model.to(device).eval(), dtype
@@ -76,8 +85,6 @@ def finished_structures(output: Path, frames: list) -> list:
     """The relaxed structures an earlier run of the same input wrote to ``output`` (``--resume``): they must be
     the first structures of the input, in order, with the same atoms. A last frame cut short (a run killed while
     appending it) is dropped: ``output`` is rewritten atomically to its whole frames."""
-    from ase.io import read
-
     if not output.exists():
         return []
     try:
@@ -107,8 +114,6 @@ def _batch_error(path: Path, offset: int, exc: Exception) -> UserInputError:
 def _append(structures: list, output: Path) -> None:
     """Append ``structures`` to ``output`` (extxyz), flushed and fsynced: a kill loses at most the frame being
     written, which ``finished_structures`` drops."""
-    from ase.io import write
-
     buffer = io.StringIO()
     write(buffer, structures, format="extxyz")
     durable_append(buffer.getvalue(), output)
@@ -144,15 +149,6 @@ def relax_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar."),
 ) -> None:
     """Relax every structure of INPUT and write the relaxed structures to OUTPUT (extxyz)."""
-    import numpy as np
-    from ase.units import GPa
-    from tqdm import tqdm
-
-    from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.relax import RelaxConfig
-    from relaxtune.state import Batch
-    from relaxtune.potentials.checkpoint import unseen_species
-
     check_writable(output, "--output")
     use_threads(threads)
     frames = read_structures(input, index)
@@ -198,9 +194,6 @@ def relax_cmd(
 def _output_frame(source, result):
     """The output frame of one relaxed structure: its atoms with the input's info, the relaxation's figures in
     the info, and energy, forces (and stress) as a ``SinglePointCalculator``."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.stress import full_3x3_to_voigt_6_stress
-
     atoms = result.atoms
     atoms.info.update({key: val for key, val in source.info.items() if key not in ("energy", "stress")})
     atoms.info.update(n_steps=result.n_steps, converged=result.converged, fmax=result.fmax, blew_up=result.blew_up)
@@ -223,9 +216,6 @@ def _relax_in_flight(net, config, frames: list, results: list, input: Path, outp
                      max_atoms: int | None, dtype, device: str, bar) -> None:
     """Relax ``frames`` after the ``results`` already finished, ``batch_size`` in flight; append each finished
     structure to ``output`` and ``results`` as soon as every structure before it in the input is there too."""
-    from relaxtune.potentials.base import UnsupportedElementError
-    from relaxtune.relax import relax_stream
-
     offset = len(results)
 
     def progress(report):

@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from relaxtune.cli import CONVENTION, THREADS_HELP, UserInputError, app, use_threads
+from relaxtune.report import ReportError, write_report
+from relaxtune.cli.common import CONVENTION, THREADS_HELP, UserInputError, app, use_threads
 
 
 @app.command("report", epilog=CONVENTION)
@@ -28,10 +29,6 @@ def report(
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
 ) -> None:
     """Write a markdown and a self-contained HTML report (with PNG plots) for one fine-tuning run."""
-    import torch
-
-    from relaxtune.report import ReportError, write_report
-
     use_threads(threads)
     try:
         result = write_report(run_dir, out, data=data, split=split, fmax=fmax, max_steps=max_steps,

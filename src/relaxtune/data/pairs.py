@@ -12,7 +12,10 @@ to pairs is ``relaxtune.data.load.load_pairs``.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +185,6 @@ def _stem(path: Path) -> str:
 def _sniff(path: Path, n_bytes: int = 20000) -> str:
     try:
         if path.suffix.lower() in _COMPRESSED:
-            import gzip
-            import bz2
-            import lzma
-
             opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[path.suffix.lower()]
             with opener(path, "rt", errors="replace") as fh:
                 return fh.read(n_bytes)

@@ -25,7 +25,7 @@ MODEL_CHOICES = "chgnet, sevennet, lj, sw, a MACE model file, or a relaxtune che
 _MACE_CLASS = re.compile(rb"(?:c|\x8c.)mace\.modules\.", re.DOTALL)
 
 
-def _is_mace_file(path: Path) -> bool:
+def is_mace_file(path: Path) -> bool:
     """A MACE model is a pickled ``mace.modules`` module: ``.model`` files, or a torch zip whose pickle names a
     mace class (a relaxtune checkpoint holds only tensors and plain values)."""
     if path.suffix == ".model":
@@ -64,7 +64,7 @@ def load_model(spec: str | Path | EnergyModel, dtype: torch.dtype = torch.float3
             raise ValueError(f"{name}: no such file" + (" (a folder: give the checkpoint in it, e.g. best.pt)"
                                                         if path.is_dir() else ""))
         raise ValueError(f"unknown model {name!r}: use {MODEL_CHOICES}")
-    if _is_mace_file(path):
+    if is_mace_file(path):
         from relaxtune.potentials.mace import MACEModel
 
         return MACEModel(path, dtype=dtype)

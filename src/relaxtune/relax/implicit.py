@@ -41,6 +41,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
+from relaxtune.relax.loop import relax
 from relaxtune.state import Batch, per_system_sum
 
 GRAD_MODES = ("none", "full", "truncated", "checkpoint", "implicit", "hybrid")
@@ -320,8 +321,6 @@ def relax_for_training(
     ``fallback_unconverged=False`` uses the fixed-point gradient at the end point even where the tail did not
     converge (benchmarks that run exactly k steps). ``cg_guess``: a starting point for the implicit CG solve.
     """
-    from relaxtune.relax import relax
-
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"grad_mode: {grad_mode!r} is not one of {', '.join(GRAD_MODES)}")
     if grad_mode in ("none", "full", "truncated", "checkpoint"):

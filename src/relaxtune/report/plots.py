@@ -1,4 +1,4 @@
-"""The report's PNG plots (matplotlib, imported on first use): training curves, per-structure Dq before/after,
+"""The report's PNG plots (matplotlib on its file-only Agg backend): training curves, per-structure Dq before/after,
 per-atom displacements, energy traces and parameter movement. Each returns its path, or None when there is
 nothing to plot.
 """
@@ -8,25 +8,19 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 
+matplotlib.use("Agg")  # files only: no display needed, and no GUI toolkit imported
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
 from relaxtune.report.run import movement_items
-
-
-def _plt():
-    """pyplot on the Agg backend, imported on first use (matplotlib is slow to import)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    plt.close(fig)
     return path
 
 
@@ -43,7 +37,6 @@ def _col(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def plot_curves(metrics: list[dict], objective: str, path: Path, val_start: str = "initial") -> Path | None:
     """Validation Dq per epoch (epoch 0 = pretrained) and the training loss per epoch."""
-    plt = _plt()
     vx, vy = _col(metrics, "val_dq_mean")
     tx, ty = _col(metrics, "train_loss")
     if not vx and not tx:
@@ -90,7 +83,6 @@ def plot_dq_scatter(cmp: dict, path: Path) -> Path | None:
     pts = _paired(cmp)
     if not pts:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     b = np.array([p[1] for p in pts])
     a = np.array([p[2] for p in pts])
@@ -113,7 +105,6 @@ def plot_dq_bars(cmp: dict, path: Path) -> Path | None:
     pts = _paired(cmp)
     if not pts:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(pts) + 2), 3.6))
     x = np.arange(len(pts))
     ax.bar(x - 0.2, [p[1] for p in pts], 0.4, label="pretrained", color="C7")
@@ -133,7 +124,6 @@ def plot_displacements(cmp: dict, path: Path) -> Path | None:
     b, a = flat(cmp.get("before")), flat(cmp.get("after"))
     if b.size == 0 and a.size == 0:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     hi = max(b.max() if b.size else 0, a.max() if a.size else 0, 1e-3)
     bins = np.linspace(0, hi * 1.02, 40)
@@ -155,7 +145,6 @@ def plot_traces(cmp: dict, path: Path, n: int = 3) -> Path | None:
     chosen = [r for r in cmp["before"] if r.get("energy_trace")][:n]
     if not chosen:
         return None
-    plt = _plt()
     fig, axes = plt.subplots(1, len(chosen), figsize=(3.4 * len(chosen) + 0.6, 3.4), squeeze=False)
     for ax, r in zip(axes[0], chosen):
         t = np.array(r["energy_trace"])
@@ -176,7 +165,6 @@ def plot_movement(summary: dict | None, path: Path) -> Path | None:
     items = movement_items(summary)
     if not items:
         return None
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(items) + 1.4))
     vals = [max(v, 1e-12) for _, v in items]
     colors = ["C3" if lbl.startswith("relax") else ("C0" if lbl.endswith("(all)") else "C9") for lbl, _ in items]

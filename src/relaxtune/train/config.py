@@ -6,6 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from relaxtune.evaluate import STARTS
+from relaxtune.relax import OPTIMIZERS, RelaxConfig
+from relaxtune.relax.implicit import GRAD_MODES
+
 OBJECTIVES = ("structure", "forces", "structure+forces")
 DQ_SCALES = ("absolute", "pretrained")
 ENERGY_SCALES = ("per-atom", "total")
@@ -19,6 +23,8 @@ BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": 
                         "low_rank": 0, "distill_force_weight": 1.0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
+HYBRID_HEADS = ("checkpoint", "full")
+DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -135,23 +141,16 @@ class TrainConfig:
     @property
     def relax_step_field(self) -> str:
         """The ``RelaxConfig`` field that is η for this optimizer: GD's ``step_size`` or FIRE's initial ``dt``."""
-        from relaxtune.relax import RelaxConfig
-
         return RelaxConfig.step_field(self.optimizer)
 
     @property
     def relax_step_size(self) -> float:
         """The training relaxation's η: ``step_size``, or ``RelaxConfig``'s default for the optimizer."""
-        from relaxtune.relax import RelaxConfig
-
         if self.step_size is not None:
             return float(self.step_size)
         return float(getattr(RelaxConfig, self.relax_step_field))
 
     def __post_init__(self) -> None:
-        from relaxtune.evaluate import STARTS
-        from relaxtune.relax.implicit import GRAD_MODES
-
         scale, weight = ENERGY_DEFAULTS.get(self.objective, ENERGY_DEFAULTS["forces"])
         if self.energy_scale is None:
             object.__setattr__(self, "energy_scale", scale)
@@ -162,16 +161,16 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.optimizer not in ("fire", "gd", "lbfgs"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: {self.optimizer!r} is not fire, gd or lbfgs")
         if self.optimizer == "lbfgs" and self.grad != "implicit":
             raise ValueError(f"optimizer: lbfgs relaxes without a graph, so it serves --grad implicit only "
                              f"(got {self.grad}); use fire or gd")
-        if self.eval_optimizer not in ("fire", "gd", "lbfgs"):
+        if self.eval_optimizer not in OPTIMIZERS:
             raise ValueError(f"eval_optimizer: {self.eval_optimizer!r} is not fire, gd or lbfgs")
-        if self.hybrid_head not in ("full", "checkpoint"):
+        if self.hybrid_head not in HYBRID_HEADS:
             raise ValueError(f"hybrid_head: {self.hybrid_head!r} is not full or checkpoint")
-        if self.dtype not in ("float32", "float64"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from ase.units import GPa
 
 from relaxtune.metrics import dq, rmsd
 from relaxtune.state import Batch, per_system_sum
@@ -14,8 +15,6 @@ from relaxtune.state import Batch, per_system_sum
 
 def stress_loss(stress: torch.Tensor, reference_stress: torch.Tensor) -> torch.Tensor:
     """Mean squared stress error per structure (n_systems,), GPa^2, from (n_systems, 3, 3) stresses in eV/Å^3."""
-    from ase.units import GPa
-
     err = (stress - reference_stress.to(stress.dtype)) / GPa
     return (err * err).mean(dim=(-2, -1))
 
