@@ -35,6 +35,7 @@ from relaxtune.atomic import atomic_write_text, durable_append
 from relaxtune.potentials.base import UnsupportedElementError
 from relaxtune.potentials.checkpoint import unseen_species
 from relaxtune.relax import RelaxConfig, relax_stream
+from relaxtune.relax.steps import LBFGS_H0
 from relaxtune.state import Batch
 from relaxtune.data import structures
 from relaxtune.cli.common import (CONVENTION, OPTIMIZERS, THREADS_HELP, UserInputError, app, check_writable,
@@ -128,9 +129,12 @@ def relax_cmd(
                                 "what is finished)."),
     model: str = typer.Option("chgnet", "--model", "-m", help="chgnet | sevennet | lj | sw | a MACE model file | "
                               "a relaxtune fine-tuned checkpoint (.pt)."),
-    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="fire (ASE's FIRE), lbfgs (ASE's "
-                                                  "L-BFGS: fewer steps near a minimum) or gd (X <- X + eta F, "
-                                                  "0.2 Å cap)."),
+    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="fire (ASE's FIRE), lbfgs (L-BFGS: "
+                                                  "about a quarter of FIRE's steps, see --lbfgs-h0) or gd "
+                                                  "(X <- X + eta F, 0.2 Å cap)."),
+    lbfgs_h0: Literal[LBFGS_H0] = typer.Option("scaled", "--lbfgs-h0", help="lbfgs: its initial inverse Hessian, "
+                                               "scaled from the newest step (about half of ASE's steps) or fixed "
+                                               "at 1/70 Å²/eV (ASE's LBFGS, step for step)."),
     fmax: float = typer.Option(0.05, min=1e-6, help="Force convergence, eV/Å."),
     max_steps: int = typer.Option(500, min=0, help="Most optimizer steps per structure."),
     cell: bool = typer.Option(False, "--cell", help="Relax the cell too (FrechetCellFilter-like deformation)."),
@@ -156,7 +160,8 @@ def relax_cmd(
     warning = unseen_species(net, frames)
     if warning:
         typer.echo(warning, err=True)
-    kwargs = dict(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=cell, pressure=pressure * GPa)
+    kwargs = dict(optimizer=optimizer, fmax=fmax, max_steps=max_steps, relax_cell=cell, pressure=pressure * GPa,
+                  h0=lbfgs_h0)
     if step_size is not None:
         kwargs[RelaxConfig.step_field(optimizer)] = step_size
     config = RelaxConfig(**kwargs)

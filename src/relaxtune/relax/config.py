@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from relaxtune.relax.steps import FireParams, LBFGSParams
+from relaxtune.relax.steps import LBFGS_H0, FireParams, LBFGSParams
 from relaxtune.state import Batch
 
 #: relaxation optimizers; L-BFGS only without a graph (its history is not differentiated)
@@ -29,9 +29,12 @@ class RelaxConfig(FireParams):
     max_displacement: float | None = 0.2  # Å per atom per step (smooth cap), None = no cap
     anneal: float = 1.0  # eta multiplied by this every step
     momentum: float = 0.0
-    # L-BFGS (ASE's defaults; its step is capped by ``maxstep`` too)
+    # L-BFGS (ASE's memory and alpha; its step is capped by ``maxstep`` too). ``h0``: the initial inverse Hessian
+    # of each step, "scaled" (sᵀy / yᵀy from the newest step: about half of ASE's steps on Si defects) or
+    # "fixed" (I / alpha: ASE's LBFGS step for step); see ``steps.LBFGSParams``
     memory: int = 100
     alpha: float = 70.0  # eV/Å², initial Hessian
+    h0: str = "scaled"
     # safety
     blowup_force: float = 1e3  # eV/Å
 
@@ -44,6 +47,8 @@ class RelaxConfig(FireParams):
             raise ValueError("step_size, dt and maxstep must be positive")
         if self.max_displacement is not None and self.max_displacement <= 0:
             raise ValueError("max_displacement must be positive or None")
+        if self.h0 not in LBFGS_H0:
+            raise ValueError(f"h0 must be one of {', '.join(LBFGS_H0)}, got {self.h0!r}")
 
     @staticmethod
     def step_field(optimizer: str) -> str:
@@ -58,7 +63,7 @@ class RelaxConfig(FireParams):
 
     @property
     def lbfgs_params(self) -> LBFGSParams:
-        return LBFGSParams(maxstep=self.maxstep, memory=self.memory, alpha=self.alpha)
+        return LBFGSParams(maxstep=self.maxstep, memory=self.memory, alpha=self.alpha, h0=self.h0)
 
     @property
     def fire_params(self) -> FireParams:

@@ -10,7 +10,8 @@ frozen state and never mutates its inputs, so gradients flow through any number 
   displacement cap (see ``soft_cap``).
 * ``lbfgs_init`` / ``lbfgs_step``: ASE's L-BFGS (``ase.optimize.LBFGS``: memory 100, initial inverse Hessian
   1/70 Å²/eV, the whole step scaled so that no row moves more than ``maxstep``), per structure, each with its
-  own history. Quasi-Newton steps reach a minimum in fewer model calls than FIRE; they are for relaxations
+  own history; with ``h0="scaled"`` the initial inverse Hessian of each step is sᵀy / yᵀy of the structure's
+  newest step instead (Nocedal & Wright's choice), which adapts to the material's stiffness. Quasi-Newton steps reach a minimum in fewer model calls than FIRE; they are for relaxations
   without a graph (inference, the forward of the implicit gradient), not for unrolled differentiation.
 * ``fire_init`` / ``fire_step``: ASE's FIRE (``ase.optimize.FIRE``, default ``downhill_check=False``), per
   structure. Its branch decisions (is P = F.v > 0, has N exceeded Nmin, is the step longer than maxstep) are
@@ -167,6 +168,10 @@ def fire_step(state: FireState, forces: torch.Tensor, row_system: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------------------------- L-BFGS
+#: the initial inverse Hessian of L-BFGS's two-loop recursion (``LBFGSParams.h0``)
+LBFGS_H0 = ("scaled", "fixed")
+
+
 @dataclass(frozen=True)
 class LBFGSParams:
     """ASE LBFGS's parameters (same names and defaults as ``ase.optimize.LBFGS``)."""
@@ -174,6 +179,10 @@ class LBFGSParams:
     maxstep: float = 0.2
     memory: int = 100
     alpha: float = 70.0  # initial Hessian alpha * I, eV/Å²
+    #: the two-loop recursion's initial inverse Hessian: "fixed" I / alpha at every step (ASE's LBFGS), or
+    #: "scaled" (sᵀy / yᵀy) I from the newest pair of each structure (Nocedal & Wright, eq. 7.20), I / alpha
+    #: until the first pair
+    h0: str = "fixed"
 
 
 @dataclass(frozen=True)
@@ -227,7 +236,14 @@ def lbfgs_step(state: LBFGSState, forces: torch.Tensor, row_system: torch.Tensor
         a_i = rho[:, i] * _per_system_dot(s_hist[:, i], q, row_system, n_sys)
         q = q - a_i[row_system, None] * y_hist[:, i]
         alphas.append(a_i)
-    z = q / params.alpha
+    if params.h0 == "scaled":
+        yy = _per_system_dot(y_hist[:, 0], y_hist[:, 0], row_system, n_sys)
+        has_pair = (rho[:, 0] != 0) & (yy > 0)
+        gamma = torch.where(has_pair, 1.0 / (rho[:, 0] * torch.where(has_pair, yy, torch.ones_like(yy))),
+                            torch.full_like(yy, 1.0 / params.alpha))
+        z = q * gamma[row_system, None]
+    else:
+        z = q / params.alpha
     for i in reversed(range(len(alphas))):  # oldest to newest
         b_i = rho[:, i] * _per_system_dot(y_hist[:, i], z, row_system, n_sys)
         z = z + (alphas[i] - b_i)[row_system, None] * s_hist[:, i]
