@@ -328,3 +328,21 @@ def test_option_values_are_checked_before_reading_anything(monkeypatch, capsys, 
         lines = stderr.strip().splitlines()
         assert code == 2 and len(lines) == 1 and message in lines[0], stderr
         assert not (tmp_path / "o.extxyz").exists()
+
+
+def test_both_lbfgs_hessians_reach_the_same_minimum(monkeypatch, capsys, tmp_path, si_file):
+    """--lbfgs-h0 scaled (the default) and fixed (ASE's LBFGS) end at the same structures, the scaled one in no
+    more steps; a value that is not a choice is one line, exit 2."""
+    results = {}
+    for h0 in ("scaled", "fixed"):
+        out = tmp_path / f"{h0}.extxyz"
+        code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--optimizer",
+                              "lbfgs", "--lbfgs-h0", h0, "--fmax", "1e-4", "--no-progress")
+        assert code == 0, stderr
+        results[h0] = read(out, ":")
+    for scaled, fixed in zip(results["scaled"], results["fixed"]):
+        assert np.abs(scaled.positions - fixed.positions).max() < 1e-3
+    assert sum(a.info["n_steps"] for a in results["scaled"]) <= sum(a.info["n_steps"] for a in results["fixed"])
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", tmp_path / "x.extxyz", "--model", "sw",
+                          "--lbfgs-h0", "exact")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--lbfgs-h0" in stderr
