@@ -19,11 +19,11 @@ import torch
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.relax import cell as cellmod
 from relaxtune.relax import topology
-from relaxtune.relax.topology import Topology, detached
 from relaxtune.relax.config import RelaxConfig, RelaxResult
 from relaxtune.relax.params import StepValues
-from relaxtune.relax.steps import (FireState, GDState, concat_states, fire_init, fire_step, gd_init, gd_step,
-                                   lbfgs_init, lbfgs_step, merge_states, select_state)
+from relaxtune.relax.steps import (FireState, GDState, LBFGSState, concat_states, fire_init, fire_step, gd_init,
+                                   gd_step, lbfgs_init, lbfgs_step, merge_states, select_state)
+from relaxtune.relax.topology import Topology, detached
 from relaxtune.state import Batch, per_system_max
 
 
@@ -63,7 +63,9 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class PointEval:
+    """Energies and forces of a working batch at its current point, and what they say about convergence."""
+
     energy: torch.Tensor
     forces: torch.Tensor  # Cartesian model forces
     stress: torch.Tensor | None
@@ -74,6 +76,8 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Status:
+    """Per structure: steps taken, converged, blew up, and the last max row force."""
+
     n_steps: torch.Tensor
     converged: torch.Tensor
     blew_up: torch.Tensor
@@ -85,13 +89,16 @@ class Status:
 
 @dataclass(frozen=True)
 class Carry:
-    state: GDState | FireState
-    ev: Evaluation
+    """What one iteration changes."""
+
+    state: GDState | FireState | LBFGSState
+    ev: PointEval
     status: Status
     topology: Topology = field(compare=False)
 
 
-def evaluate_at(prob: Problem, batch: Batch, rows: torch.Tensor, prepared: Any) -> Evaluation:
+def evaluate_at(prob: Problem, batch: Batch, rows: torch.Tensor, prepared: Any) -> PointEval:
+    """Energies and forces at ``batch``; generalized (row) forces, fmax and blow-ups per structure."""
     out = energy_and_forces(prob.model, batch, prepared, create_graph=prob.create_graph,
                             compute_stress=prob.cell is not None)
     forces = out.forces
@@ -111,16 +118,18 @@ def evaluate_at(prob: Problem, batch: Batch, rows: torch.Tensor, prepared: Any) 
     gen = torch.where(finite_rows[:, None], gen, torch.zeros_like(gen))
     row_norm = torch.linalg.vector_norm(gen.detach(), dim=-1)
     fmax = per_system_max(row_norm, prob.row_system, n_sys).clamp_min(0.0)
-    return Evaluation(energy=out.energy, forces=forces, stress=out.stress, row_forces=gen, fmax=fmax, bad=bad)
+    return PointEval(energy=out.energy, forces=forces, stress=out.stress, row_forces=gen, fmax=fmax, bad=bad)
 
 
-def initial_status(prob: Problem, ev: Evaluation) -> Status:
+def initial_status(prob: Problem, ev: PointEval) -> Status:
+    """0 steps; converged where the start already is (as ASE counts it)."""
     n = prob.n_systems
     return Status(n_steps=torch.zeros(n, dtype=torch.long, device=ev.fmax.device),
                    converged=(ev.fmax < prob.config.fmax) & ~ev.bad, blew_up=ev.bad.clone(), fmax=ev.fmax)
 
 
 def one_step(prob: Problem, carry: Carry) -> Carry:
+    """One optimizer step for every structure not done, then energies and forces at the new point."""
     cfg = prob.config
     active = ~carry.status.done(cfg.max_steps)
     forces = carry.ev.row_forces
@@ -196,6 +205,7 @@ def setup(model, batch, config, step_params, create_graph) -> tuple[Problem, Any
 
 
 def init_carry(prob: Problem, rows: torch.Tensor, step, prepared) -> Carry:
+    """A fresh optimizer state at ``rows``, evaluated (``prepared``: a topology the caller built, or None)."""
     cfg = prob.config
     n = prob.n_systems
     if cfg.optimizer == "gd":
@@ -211,6 +221,7 @@ def init_carry(prob: Problem, rows: torch.Tensor, step, prepared) -> Carry:
 
 
 def to_result(prob: Problem, carry: Carry, trace: list[torch.Tensor] | None) -> RelaxResult:
+    """The ``RelaxResult`` of a working batch as it stands."""
     final = prob.batch_at(carry.state.positions)
     st = carry.status
     return RelaxResult(batch=final, energy=carry.ev.energy, forces=carry.ev.forces, stress=carry.ev.stress,
@@ -219,6 +230,7 @@ def to_result(prob: Problem, carry: Carry, trace: list[torch.Tensor] | None) -> 
 
 
 def report_progress(progress, step: int, status: Status, max_steps: int) -> None:
+    """``progress(step, n_done, n_total)``, if given."""
     if progress is not None:
         progress(step, int(status.done(max_steps).sum()), int(status.n_steps.shape[0]))
 
@@ -233,7 +245,7 @@ def select_systems(prob: Problem, carry: Carry, keep: torch.Tensor) -> tuple[Pro
     new_prob = replace(prob, base=base, cell=cf, row_system=row_system, free_rows=prob.free_rows[rows],
                        row_scale=prob.row_scale[rows] if prob.row_scale is not None else None)
     ev = carry.ev
-    new_ev = Evaluation(energy=ev.energy[keep], forces=ev.forces[atoms],
+    new_ev = PointEval(energy=ev.energy[keep], forces=ev.forces[atoms],
                    stress=ev.stress[keep] if ev.stress is not None else None, row_forces=ev.row_forces[rows],
                    fmax=ev.fmax[keep], bad=ev.bad[keep])
     st = carry.status
@@ -272,7 +284,7 @@ def concat_systems(first: Problem, first_carry: Carry, second: Problem, second_c
     prob = replace(first, base=base, cell=cf, row_system=row_system,
                    free_rows=torch.cat([first.free_rows, second.free_rows])[rows], row_scale=row_scale)
     a, b = first_carry.ev, second_carry.ev
-    ev = Evaluation(energy=torch.cat([a.energy, b.energy]), forces=torch.cat([a.forces, b.forces]),
+    ev = PointEval(energy=torch.cat([a.energy, b.energy]), forces=torch.cat([a.forces, b.forces]),
                stress=torch.cat([a.stress, b.stress]) if a.stress is not None else None,
                row_forces=torch.cat([a.row_forces, b.row_forces])[rows], fmax=torch.cat([a.fmax, b.fmax]),
                bad=torch.cat([a.bad, b.bad]))
