@@ -123,17 +123,13 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
     """Consecutive chunks of at most ``size`` pairs that agree on ``relax_cell`` (one relaxation call each);
     the order of ``items`` is kept."""
     size = max(1, int(size))
-    chunks: list[list] = []
+    out: list[list] = []
     for item in items:
-        if chunks and len(chunks[-1]) < size and _cell_free(chunks[-1][0]) == _cell_free(item):
-            chunks[-1].append(item)
+        if out and len(out[-1]) < size and out[-1][0].relax_cell == item.relax_cell:
+            out[-1].append(item)
         else:
-            chunks.append([item])
-    return chunks
-
-
-def _cell_free(pair) -> bool:
-    return bool(getattr(pair, "relax_cell", False))
+            out.append([item])
+    return out
 
 
 def in_reference_cell(batch: Batch, reference_cell: torch.Tensor) -> Batch:
@@ -206,9 +202,9 @@ def evaluate(
         reference = torch.tensor(np.concatenate([p.final.get_positions() for p in chunk]), dtype=dtype, device=device)
         model.check_supported(batch)
         with torch.no_grad():
-            result = relax(model, batch, configs[_cell_free(chunk[0])], grad_mode="none", record_trace=details)
+            result = relax(model, batch, configs[chunk[0].relax_cell], grad_mode="none", record_trace=details)
         final = result.batch.replace(positions=result.batch.positions.detach())
-        if _cell_free(chunk[0]):
+        if chunk[0].relax_cell:
             final = in_reference_cell(final, torch.tensor(np.stack([p.final.cell.array for p in chunk]),
                                                           dtype=dtype, device=device))
         with torch.no_grad():
@@ -217,8 +213,7 @@ def evaluate(
             mx = distance.max_displacement(final, reference)
             per_atom = _per_atom_displacements(final, reference) if details else None
         trace = result.energy_trace.detach().cpu().double().numpy() if details else None
-        blew = getattr(result, "blew_up", None)
-        blew = torch.zeros(len(chunk), dtype=torch.bool) if blew is None else blew.detach().cpu()
+        blew = result.blew_up.detach().cpu()
         energy = result.energy.detach().cpu().double()
         atom_slices = final.system_slices()
         for k, pair in enumerate(chunk):
@@ -247,7 +242,7 @@ def evaluate(
                 row["energy_trace"] = None if bad else trace[: row["steps"] + 1, k].tolist()
             if symprec is not None:
                 row.update(_symmetric_row(final, k, reference, pair, symprec, bad))
-            if _cell_free(pair):
+            if pair.relax_cell:
                 errors = cell_errors(result.batch.cell[k].detach().cpu().double().numpy(), pair.final.cell.array)
                 row.update(errors if not bad else {key: None for key in errors})
             rows.append(row)

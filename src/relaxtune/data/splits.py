@@ -39,7 +39,7 @@ def write_splits(path: str | Path, split: Mapping[str, Sequence[str]]) -> Path:
 
 def has_splits(pairs: Sequence[RelaxationPair]) -> bool:
     """True when the pairs carry split tags (their dataset has a ``splits.json``)."""
-    return any(getattr(p, "split", None) for p in pairs)
+    return any(p.split for p in pairs)
 
 
 def pairs_in_split(pairs: Sequence[RelaxationPair], split: str) -> list[RelaxationPair]:

@@ -57,7 +57,7 @@ class FrameLoss:
             frames = self.frames(pair)
             index = self.train_index.get(id(pair), k)
             picks = sample_frames(len(frames), c.frames_per_structure if sample else 0, frame_rng(c.seed, epoch, index))
-            use_stress = bool(getattr(pair, "relax_cell", False)) or c.fixed_cell_stress
+            use_stress = pair.relax_cell or c.fixed_cell_stress
             for i in range(0, len(picks), c.frame_chunk):
                 chunk = picks[i:i + c.frame_chunk]
                 chunks.append(FrameChunk(k, frames[-1], [frames[j] for j, _ in chunk], [w for _, w in chunk],

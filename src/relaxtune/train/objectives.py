@@ -143,7 +143,7 @@ def check_cell_pairs(pairs: Sequence, config: TrainConfig) -> None:
     if config.objective == "forces" or config.start != "initial":
         return
     for pair in pairs:
-        if getattr(pair, "relax_cell", False):
+        if pair.relax_cell:
             raise ValueError(f"structure {pair.name!r}: its reference relaxed the cell, and training relaxes from "
                              "the initial structure with the cell fixed; use --start relaxed (positions at the DFT "
                              "cell, stress from the DFT frames) or --objective forces")

@@ -86,7 +86,7 @@ def checkpoint_payload(model: EnergyModel, config: TrainConfig, *, model_spec: s
         "format": ckpt.FORMAT,
         "version": ckpt.VERSION,
         "model_spec": model_spec,
-        "model_name": getattr(model, "name", "model"),
+        "model_name": model.name,
         "dtype": config.dtype,
         "state_dict": merged_state_dict(model),
         "step_params": step_params.state_dict() if step_params is not None else None,
