@@ -191,7 +191,7 @@ def test_every_command_states_the_option_convention_and_lists_choices():
         assert CONVENTION in " ".join(text.split()), name
     assert "<fire|gd|lbfgs>" in helps["relax"] and "<fire|gd|lbfgs>" in helps["evaluate"]
     assert "<initial|relaxed>" in helps["evaluate"]
-    for metavar in ("<fire|gd|lbfgs>", "<full|truncated|checkpoint|implicit|hybrid>", "<initial|relaxed>",
+    for metavar in ("<auto|fire|gd|lbfgs>", "<full|truncated|checkpoint|implicit|hybrid>", "<initial|relaxed>",
                     "<structure|forces|structure+forces>", "<per-atom|total>", "<absolute|pretrained>",
                     "<checkpoint|full>", "<float32|float64>"):
         assert metavar in helps["finetune"], metavar

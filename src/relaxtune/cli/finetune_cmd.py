@@ -35,7 +35,7 @@ from relaxtune.train.finetune import finetune
 from relaxtune.cli.common import (CONVENTION, DTYPES, GRADS, HYBRID_HEADS, OPTIMIZERS, STARTS, THREADS_HELP,
                            UserInputError, app, can_create_in, check_model, default_dtype, file_error, note_on_abort,
                            one_line, path_given_once, use_threads)
-from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TrainConfig
+from relaxtune.train.config import DQ_SCALES, ENERGY_SCALES, OBJECTIVES, TRAIN_OPTIMIZERS, TrainConfig
 
 #: what a run writes to its folder: --overwrite deletes these (and nothing else) before it starts
 RUN_FILES = ("best.pt", "last.pt", "metrics.csv", "summary.json", "config.yaml")
@@ -190,8 +190,9 @@ def finetune_command(
     val: Optional[str] = typer.Option(None, "--val", help="Validation pairs (default: TRAIN's own 'val' split).", rich_help_panel="Data and output"),
     model: str = typer.Option(DEFAULTS.model, "--model", "-m", help="chgnet, sevennet, sw, lj, a MACE file or a checkpoint.", rich_help_panel="Model"),
     steps: int = typer.Option(DEFAULTS.steps, "--steps", help="Relaxation steps k per training relaxation (max).", rich_help_panel="Training relaxation"),
-    optimizer: Literal[OPTIMIZERS] = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation optimizer "
-                                                  "(lbfgs with --grad implicit only).", rich_help_panel="Training relaxation"),
+    optimizer: Literal[TRAIN_OPTIMIZERS] = typer.Option(DEFAULTS.optimizer, "--optimizer", help="Relaxation "
+                                                        "optimizer: auto is lbfgs with --grad implicit, else fire "
+                                                        "(lbfgs with --grad implicit only).", rich_help_panel="Training relaxation"),
     grad: Literal[GRADS] = typer.Option(DEFAULTS.grad, "--grad", help="How the gradient passes through the "
                                         "relaxation.", rich_help_panel="Gradient through the relaxation"),
     step_size: Optional[float] = typer.Option(None, "--step-size", help="Relaxation step size η: GD step "
@@ -279,7 +280,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune a model by backpropagating through relaxations.
 
-    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 15 epochs) takes about 7 minutes on
+    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 15 epochs) takes about 6 minutes on
     a 2-core CPU, the retention check included; each epoch's log line gives the elapsed time, structures/s and the
     time left.
     """

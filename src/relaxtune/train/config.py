@@ -24,6 +24,9 @@ BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": 
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 HYBRID_HEADS = ("checkpoint", "full")
+#: the training relaxation's optimizer: "auto" is L-BFGS where the relaxation needs no graph (``grad="implicit"``),
+#: else FIRE
+TRAIN_OPTIMIZERS = ("auto",) + OPTIMIZERS
 DTYPES = ("float32", "float64")
 
 
@@ -45,8 +48,8 @@ class TrainConfig:
     ``dq_scale="pretrained"`` divides each structure's Dq by the pretrained model's (measured before the first
     epoch, floored at ``dq_scale_floor``), so that every structure pulls alike; "absolute" is the plain mean.
 
-    Training relaxation: ``optimizer`` ("fire" | "gd" | "lbfgs", the last with ``grad="implicit"`` only) for at
-    most ``steps`` steps to ``fmax``, from ``start``: "relaxed" (the DFT-relaxed structure: the model slides into
+    Training relaxation: ``optimizer`` ("auto": "lbfgs" with ``grad="implicit"``, else "fire"; "fire" | "gd" |
+    "lbfgs", the last with ``grad="implicit"`` only) for at most ``steps`` steps to ``fmax``, from ``start``: "relaxed" (the DFT-relaxed structure: the model slides into
     its own nearest minimum) or "initial" (the reference method: the loss also sees which basin it reaches).
     ``warm_start`` (with "relaxed"): each epoch's relaxation of a structure starts where the previous epoch's
     ended, and its implicit CG solve from the previous solution. ``grad`` picks how the gradient goes through
@@ -76,7 +79,7 @@ class TrainConfig:
     model: str = "chgnet"
     objective: str = "structure+forces"
     # training relaxation
-    optimizer: str = "fire"
+    optimizer: str = "auto"  # resolved on construction: lbfgs with grad="implicit", else fire
     steps: int = 150
     fmax: float = 0.02
     grad: str = "implicit"
@@ -129,7 +132,7 @@ class TrainConfig:
     # validation / stopping
     eval_fmax: float = 0.02
     eval_max_steps: int = 500
-    eval_optimizer: str = "fire"
+    eval_optimizer: str = "lbfgs"
     val_start: str = "relaxed"
     patience: int = 0
     min_delta: float = 0.0
@@ -161,8 +164,10 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer: {self.optimizer!r} is not fire, gd or lbfgs")
+        if self.optimizer not in TRAIN_OPTIMIZERS:
+            raise ValueError(f"optimizer: {self.optimizer!r} is not {', '.join(TRAIN_OPTIMIZERS)}")
+        if self.optimizer == "auto":
+            object.__setattr__(self, "optimizer", "lbfgs" if self.grad == "implicit" else "fire")
         if self.optimizer == "lbfgs" and self.grad != "implicit":
             raise ValueError(f"optimizer: lbfgs relaxes without a graph, so it serves --grad implicit only "
                              f"(got {self.grad}); use fire or gd")
