@@ -34,13 +34,20 @@ def detached(batch: Batch) -> Batch:
     return batch.replace(positions=batch.positions.detach(), cell=batch.cell.detach())
 
 
+def _joined(model: EnergyModel, parts, batch: Batch, positions: torch.Tensor, cell: torch.Tensor) -> Topology:
+    """The topology of ``batch`` made of its structures' ``parts`` (in order), built where ``positions`` and
+    ``cell`` say."""
+    parts = tuple(parts)
+    return Topology(model.join_parts(parts, detached(batch)), parts, positions, cell)
+
+
 def built(model: EnergyModel, batch: Batch) -> Topology:
     """The topology of every structure of ``batch``, built now."""
     batch = detached(batch)
     parts = model.prepare_parts(batch)
     if parts is None:
         return Topology(model.prepare(batch), None, batch.positions, batch.cell)
-    return Topology(model.join_parts(parts, batch), tuple(parts), batch.positions, batch.cell)
+    return _joined(model, parts, batch, batch.positions, batch.cell)
 
 
 def given(prepared: Any, batch: Batch) -> Topology:
@@ -75,7 +82,7 @@ def refreshed(model: EnergyModel, topology: Topology, batch: Batch, skin: float 
     moved_atoms = rebuild[batch.system_idx][:, None]
     positions = torch.where(moved_atoms, batch.positions.detach(), topology.positions)
     cell = torch.where(rebuild[:, None, None], batch.cell.detach(), topology.cell)
-    return Topology(model.join_parts(parts, detached(batch)), tuple(parts), positions, cell)
+    return _joined(model, parts, batch, positions, cell)
 
 
 def selected(model: EnergyModel, topology: Topology, keep: torch.Tensor, atoms: torch.Tensor,
@@ -83,15 +90,13 @@ def selected(model: EnergyModel, topology: Topology, keep: torch.Tensor, atoms: 
     """The topology of structures ``keep`` (atoms ``atoms``) of a working batch, ``batch`` being them now."""
     if topology.parts is None:
         return built(model, batch)
-    parts = tuple(topology.parts[k] for k in keep.tolist())
-    return Topology(model.join_parts(parts, detached(batch)), parts, topology.positions[atoms],
-                    topology.cell[keep])
+    return _joined(model, [topology.parts[k] for k in keep.tolist()], batch, topology.positions[atoms],
+                   topology.cell[keep])
 
 
 def concatenated(model: EnergyModel, first: Topology, second: Topology, batch: Batch) -> Topology:
     """The topology of ``first``'s structures followed by ``second``'s, ``batch`` being all of them now."""
     if first.parts is None or second.parts is None:
         return built(model, batch)
-    parts = first.parts + second.parts
-    return Topology(model.join_parts(parts, detached(batch)), parts, torch.cat([first.positions, second.positions]),
-                    torch.cat([first.cell, second.cell]))
+    return _joined(model, first.parts + second.parts, batch, torch.cat([first.positions, second.positions]),
+                   torch.cat([first.cell, second.cell]))
