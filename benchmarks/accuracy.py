@@ -15,6 +15,7 @@ killed check resumes. Seeds run in parallel processes, one torch thread each.
 
     python benchmarks/accuracy.py --out runs/accuracy --seeds 0 1 2
     python benchmarks/accuracy.py --out runs/accuracy --label allframes --set frames_per_structure=0
+    python benchmarks/accuracy.py --out runs/accuracy --seeds 3 4 5 --also-last   # also the final epoch's weights
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def evaluate_views(model_spec: str, path: Path) -> dict:
     return out
 
 
-def train_and_evaluate(changes: dict, seed: int, folder: Path) -> dict:
-    """Fine-tune one seed into ``folder`` (resuming a killed run) and evaluate its best.pt."""
+def train_and_evaluate(changes: dict, seed: int, folder: Path, also_last: bool = False) -> dict:
+    """Fine-tune one seed into ``folder`` (resuming a killed run) and evaluate its best.pt (and its last.pt,
+    the weights after the final epoch, under ``"last"``)."""
     _one_thread()
     from relaxtune.data import load_pairs
     from relaxtune.train.config import TrainConfig
@@ -88,11 +90,16 @@ def train_and_evaluate(changes: dict, seed: int, folder: Path) -> dict:
     evaluation = folder / "heldout.json"
     if not evaluation.exists():
         evaluate_views(str(folder / "best.pt"), evaluation)
+    last = {}
+    if also_last:
+        last_path = folder / "heldout_last.json"
+        last = {"last": json.loads(last_path.read_text()) if last_path.exists()
+                else evaluate_views(str(folder / "last.pt"), last_path)}
     retention_path = folder / "retention.json"
     if not retention_path.exists():
         summary = json.loads(done.read_text())
         _write_json(summary.get("retention") or check_retention(folder, val), retention_path)
-    return {**json.loads(evaluation.read_text()), "retention": json.loads(retention_path.read_text())}
+    return {**json.loads(evaluation.read_text()), **last, "retention": json.loads(retention_path.read_text())}
 
 
 def check_retention(folder: Path, val: list) -> dict:
@@ -197,6 +204,8 @@ def main() -> None:
     parser.add_argument("--set", dest="changes", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a TrainConfig field (repeatable)")
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (one thread each)")
+    parser.add_argument("--also-last", action="store_true",
+                        help="also evaluate last.pt (the final epoch's weights), to judge best.pt's selection")
     args = parser.parse_args()
     changes = parse_changes(args.changes)
     out = Path(args.out)
@@ -205,7 +214,8 @@ def main() -> None:
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
         pre = None if pretrained_path.exists() else pool.submit(evaluate_views, "chgnet", pretrained_path)
-        futures = {s: pool.submit(train_and_evaluate, changes, s, out / args.label / f"seed{s}") for s in args.seeds}
+        futures = {s: pool.submit(train_and_evaluate, changes, s, out / args.label / f"seed{s}", args.also_last)
+                   for s in args.seeds}
         results = {s: f.result() for s, f in futures.items()}
         if pre is not None:
             pre.result()
@@ -217,9 +227,13 @@ def main() -> None:
         walls[s] = summary.get("time_s")
     retained = {s: retention_summary(results[s]["retention"]) for s in args.seeds}
     text = table(args.label, args.seeds, per_seed, walls) + "\n" + retention_table(args.seeds, retained)
+    per_seed_last = {}
+    if args.also_last:
+        per_seed_last = {s: {v: compare(results[s]["last"][v], pretrained[v]) for v in VIEWS} for s in args.seeds}
+        text += "\n" + table(f"{args.label}, last.pt", args.seeds, per_seed_last, walls)
     print(text)
     _write_json({"label": args.label, "changes": changes, "seeds": args.seeds, "per_seed": per_seed,
-                 "retention": retained,
+                 **({"per_seed_last": per_seed_last} if args.also_last else {}), "retention": retained,
                  "train_time_s": walls, "wall_s": time.time() - t0, "table": text},
                 out / args.label / "accuracy.json")
 

@@ -1,6 +1,8 @@
 """Implicit differentiation at a relaxed fixed point: CG, finite differences on Stillinger-Weber, agreement
 with unrolled gradients."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -70,9 +72,14 @@ def test_conjugate_gradient_batched_blocks_and_negative_curvature():
     mats = _spd_blocks(n_sys, n_at, 0.5)
     mats[2] = mats[2] - 100.0 * torch.eye(3 * n_at, dtype=torch.float64)  # indefinite block
 
-    def matvec(u):
+    asked = torch.zeros(n_sys, dtype=torch.long)
+
+    def matvec(u, active):
+        asked.add_(active.long())
         blocks = u.reshape(n_sys, 3 * n_at)
-        return torch.stack([mats[k] @ blocks[k] for k in range(n_sys)]).reshape(-1, 3)
+        out = torch.stack([mats[k] @ blocks[k] if active[k] else torch.full_like(blocks[k], torch.nan)
+                           for k in range(n_sys)])  # blocks not asked for are never used
+        return out.reshape(-1, 3)
 
     b = torch.randn(n_sys * n_at, 3, dtype=torch.float64)
     x, info = conjugate_gradient(matvec, b, sys_idx, n_sys, tol=1e-12, max_iter=200)
@@ -81,6 +88,9 @@ def test_conjugate_gradient_batched_blocks_and_negative_curvature():
         torch.testing.assert_close(x.reshape(n_sys, -1)[k], expect, rtol=1e-8, atol=1e-10)
     assert info["converged"].tolist() == [True, True, False]
     assert info["negative"].tolist() == [False, False, True]
+    # each structure is asked only while its own CG runs: the indefinite block stops at its first direction
+    assert info["per_structure"].tolist() == asked.tolist()
+    assert asked[2] == 1 and asked.max() == info["iterations"] and asked[:2].min() > 1
 
 
 def test_conjugate_gradient_from_a_nearby_solution_reaches_the_same_answer_in_fewer_iterations():
@@ -92,7 +102,7 @@ def test_conjugate_gradient_from_a_nearby_solution_reaches_the_same_answer_in_fe
     mats = _spd_blocks(n_sys, n_at, 0.1)
 
     def matvec_of(ms):
-        def matvec(u):
+        def matvec(u, active):
             blocks = u.reshape(n_sys, 3 * n_at)
             return torch.stack([ms[k] @ blocks[k] for k in range(n_sys)]).reshape(-1, 3)
         return matvec
@@ -113,9 +123,11 @@ def test_conjugate_gradient_from_a_nearby_solution_reaches_the_same_answer_in_fe
     torch.testing.assert_close(mixed[sys_idx == 2], cold[sys_idx == 2])  # zero guess: the cold solve
 
 
+@pytest.mark.parametrize("per_structure", [True, False])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_implicit_matches_finite_difference_of_converged_structure_sw(fixed):
-    """dDq(X*)/dθ by the implicit backward == central finite difference of re-relaxed structures (float64)."""
+def test_implicit_matches_finite_difference_of_converged_structure_sw(fixed, per_structure):
+    """dDq(X*)/dθ by the implicit backward == central finite difference of re-relaxed structures (float64),
+    with one force graph per structure and with one for the batch."""
     atoms = [_si_defect(0), _si_defect(1, vacancy=False)]
     batch0 = Batch.from_atoms(atoms, dtype=torch.float64)
     if fixed:
@@ -126,10 +138,12 @@ def test_implicit_matches_finite_difference_of_converged_structure_sw(fixed):
     model = StillingerWeber()
     star = _minimize(model, batch0)
     stats = ImplicitStats()
-    x = implicit_positions(model, star, config=TIGHT, stats=stats)
+    config = dataclasses.replace(TIGHT, per_structure=per_structure)
+    x = implicit_positions(model, star, config=config, stats=stats)
     loss = dq(star.replace(positions=x), reference).sum()
     loss.backward()
     assert all(stats.cg_converged) and not any(stats.negative_curvature)
+    assert stats.cg_structure_iterations <= 2 * stats.cg_iterations
     for name in ("lambda1", "sigma"):
         p = getattr(model, name)
         h = 1e-5 * max(1.0, abs(float(p.detach())))

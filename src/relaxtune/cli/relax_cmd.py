@@ -129,9 +129,9 @@ def relax_cmd(
                                 "what is finished)."),
     model: str = typer.Option("chgnet", "--model", "-m", help="chgnet | sevennet | lj | sw | a MACE model file | "
                               "a relaxtune fine-tuned checkpoint (.pt)."),
-    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="fire (ASE's FIRE), lbfgs (L-BFGS: "
-                                                  "about a quarter of FIRE's steps, see --lbfgs-h0) or gd "
-                                                  "(X <- X + eta F, 0.2 Å cap)."),
+    optimizer: Literal[OPTIMIZERS] = typer.Option("lbfgs", "--optimizer", help="lbfgs (L-BFGS, each structure "
+                                                  "with its own history: about a quarter of FIRE's model calls, see "
+                                                  "--lbfgs-h0), fire (ASE's FIRE) or gd (X <- X + eta F, 0.2 Å cap)."),
     lbfgs_h0: Literal[LBFGS_H0] = typer.Option("scaled", "--lbfgs-h0", help="lbfgs: its initial inverse Hessian, "
                                                "scaled from the newest step (about half of ASE's steps) or fixed "
                                                "at 1/70 Å²/eV (ASE's LBFGS, step for step)."),

@@ -8,7 +8,9 @@ parameters θ gives ``H dX*/dθ = ∂F/∂θ`` with H = ∂²E/∂X² = -∂F/�
 ``ImplicitFixedPoint`` is a custom autograd Function: its forward returns X* (found by a relaxation without a
 graph), its backward solves H v = g by conjugate gradient (CG) on Hessian-vector products (one backward through
 the force graph at X* each, i.e. a double backward of the model) and returns vᵀ ∂F/∂θ to the parameters. The
-memory does not grow with the number of relaxation steps: one force graph at X* is kept during the solve.
+memory does not grow with the number of relaxation steps: one force graph at X* is kept during the solve. Each
+structure's CG stops on its own; on a CPU each structure has its own force graph, so a Hessian-vector product
+costs only the structures still iterating (``ImplicitConfig.separate_graphs``).
 
 Null space and conditioning. H is singular: a rigid translation of a structure without fixed atoms changes no
 energy (periodic or not), so H has three zero modes; an isolated molecule adds three rotations, and soft modes
@@ -53,19 +55,28 @@ class ImplicitConfig:
 
     cg_tol: stop when ||H v - g|| <= cg_tol * ||g|| per structure.  cg_max_iter: CG iteration cap.
     damping: λ of (H + λI) v = g, eV/Å².  project_translations: remove the rigid-translation component.
+    per_structure: one force graph per structure (see ``separate_graphs``).
     """
 
     cg_tol: float = 1e-4
     cg_max_iter: int = 200
     damping: float = 1e-3
     project_translations: bool = True
+    per_structure: bool | None = None
+
+    def separate_graphs(self, device: torch.device) -> bool:
+        """One force graph per structure (``per_structure``; None: on a CPU), so that a Hessian-vector product
+        costs only the structures whose CG is still running; one batched graph makes every iteration cost the
+        whole batch until its slowest structure converges (on a GPU a batched call costs about one call)."""
+        return device.type == "cpu" if self.per_structure is None else bool(self.per_structure)
 
 
 @dataclass
 class ImplicitStats:
     """Filled in by the backward: what the last CG solve did (per structure where it applies)."""
 
-    cg_iterations: int = 0
+    cg_iterations: int = 0  # of the slowest structure, summed over solves
+    cg_structure_iterations: int = 0  # Hessian-vector products of single structures, summed over solves
     cg_converged: list[bool] = field(default_factory=list)
     negative_curvature: list[bool] = field(default_factory=list)
     residual: list[float] = field(default_factory=list)
@@ -108,18 +119,24 @@ def conjugate_gradient(
 ) -> tuple[torch.Tensor, dict]:
     """Solve A x = b for a block-diagonal SPD ``matvec`` (one block per structure), all blocks at once.
 
-    Each structure has its own step sizes and stops on its own (||r|| <= tol ||b||); a non-positive curvature
-    pᵀAp <= 0 makes it stop there, keeping its current iterate (truncated CG). ``x0``: a guess (e.g. the
-    previous solve's solution for a nearby system), rescaled per structure to minimise the A-norm error along
-    it (one extra matvec); a structure whose guess has no positive curvature or does not lower the residual
-    starts from zero. Returns x and a dict: iterations, converged (n_sys,), negative (n_sys,), residual.
+    ``matvec(u, active)``: A u on the blocks where ``active`` (n_sys,) is True; the other blocks of its result
+    are not used, so it may skip them. Each structure has its own step sizes and stops on its own
+    (||r|| <= tol ||b||); a non-positive curvature pᵀAp <= 0 makes it stop there, keeping its current iterate
+    (truncated CG). ``x0``: a guess (e.g. the previous solve's solution for a nearby system), rescaled per
+    structure to minimise the A-norm error along it (one extra matvec); a structure whose guess has no positive
+    curvature or does not lower the residual starts from zero. Returns x and a dict: iterations (of the
+    slowest structure), per_structure (n_sys,) the matvecs each structure took part in, converged (n_sys,),
+    negative (n_sys,), residual.
     """
     x = torch.zeros_like(b)
     r = b.clone()
     b_norm = _sys_dot(b, b, system_idx, n_sys).sqrt()
+    per_structure = torch.zeros(n_sys, dtype=torch.long, device=b.device)
     if x0 is not None:
         x0 = x0.to(b)
-        ax0 = matvec(x0)
+        guessed = _sys_dot(x0, x0, system_idx, n_sys) > 0
+        ax0 = torch.where(_per_atom(guessed, system_idx), matvec(x0, guessed), torch.zeros_like(x0))
+        per_structure += guessed.long()
         curvature = _sys_dot(x0, ax0, system_idx, n_sys)
         scale = torch.where(curvature > 0, _sys_dot(x0, b, system_idx, n_sys) / curvature.clamp_min(1e-300),
                             torch.zeros_like(curvature))
@@ -138,7 +155,8 @@ def conjugate_gradient(
         if not bool(active.any()):
             it -= 1
             break
-        ap = matvec(p)
+        ap = torch.where(_per_atom(active, system_idx), matvec(p, active), torch.zeros_like(p))
+        per_structure += active.long()
         pap = _sys_dot(p, ap, system_idx, n_sys)
         bad = active & ~(pap > 0)
         negative = negative | bad
@@ -154,7 +172,8 @@ def conjugate_gradient(
         p = torch.where(_per_atom(active, system_idx), r + _per_atom(beta, system_idx) * p, p)
         rs = torch.where(active | done, rs_new, rs)
     residual = torch.where(b_norm > 0, rs.sqrt() / b_norm.clamp_min(1e-300), torch.zeros_like(rs))
-    return x, {"iterations": it, "converged": converged, "negative": negative, "residual": residual}
+    return x, {"iterations": it, "per_structure": per_structure, "converged": converged, "negative": negative,
+               "residual": residual}
 
 
 def implicit_vjp(
@@ -169,31 +188,60 @@ def implicit_vjp(
     """The implicit vector-Jacobian product at a relaxed structure.
 
     Returns (dL/dθ for each of ``params`` (None where unused), v = (H+λ)⁻¹ P g, CG info). ``batch_star`` is the
-    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3); ``guess``: a starting point for v (CG's ``x0``).
+    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3); ``guess``: a starting point for v (CG's ``x0``);
+    ``prepared``: ``batch_star``'s topology (used when the force graph is batched).
     """
-    if prepared is None:
-        with torch.no_grad():
-            prepared = model.prepare(batch_star)
     project, _ = _translation_projector(batch_star, config.project_translations)
     with torch.enable_grad():
-        x = batch_star.positions.detach().requires_grad_(True)
-        ef = energy_and_forces(model, batch_star.replace(positions=x), prepared, create_graph=True)
-        forces = ef.forces
+        graphs = _force_graphs(model, batch_star, prepared, config.separate_graphs(batch_star.device))
 
-        def hvp(u: torch.Tensor) -> torch.Tensor:
-            # H u = -∂(F·u)/∂X
-            (hu,) = torch.autograd.grad(forces, x, grad_outputs=-u, retain_graph=True)
+        def hvp(u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+            # H u = -∂(F·u)/∂X, only on the graphs that hold an active structure
+            hu = torch.zeros_like(u)
+            for graph in graphs:
+                if bool(active[graph.systems].any()):
+                    (hu[graph.rows],) = torch.autograd.grad(graph.forces, graph.positions,
+                                                            grad_outputs=-u[graph.rows], retain_graph=True)
             return project(hu + config.damping * u)
 
-        rhs = project(g.to(x.dtype))
+        rhs = project(g.to(graphs[0].forces.dtype))
         v, info = conjugate_gradient(
             hvp, rhs, batch_star.system_idx, batch_star.n_systems, config.cg_tol, config.cg_max_iter,
             x0=project(guess.to(rhs)) if guess is not None else None,
         )
         grads: list[torch.Tensor | None] = [None] * len(params)
         if len(params) > 0:
-            grads = list(torch.autograd.grad(forces, list(params), grad_outputs=v, allow_unused=True))
+            grads = list(torch.autograd.grad([graph.forces for graph in graphs], list(params),
+                                             grad_outputs=[v[graph.rows] for graph in graphs], allow_unused=True))
     return grads, v, info
+
+
+@dataclass(frozen=True)
+class _ForceGraph:
+    """Forces with their graph (create_graph) on a slice of a batch: ``rows`` its atoms, ``systems`` its
+    structures."""
+
+    positions: torch.Tensor
+    forces: torch.Tensor
+    rows: slice
+    systems: slice
+
+
+def _force_graphs(model: EnergyModel, batch: Batch, prepared: Any, separate: bool) -> list[_ForceGraph]:
+    """The force graph of ``batch`` at its positions: one for the whole batch, or one per structure."""
+    if not separate:
+        parts = [(batch, prepared, slice(0, batch.n_atoms), slice(0, batch.n_systems))]
+    else:
+        parts = [(batch.select([k]), None, rows, slice(k, k + 1)) for k, rows in enumerate(batch.system_slices())]
+    graphs = []
+    for part, topology, rows, systems in parts:
+        if topology is None:
+            with torch.no_grad():
+                topology = model.prepare(part)
+        x = part.positions.detach().requires_grad_(True)
+        ef = energy_and_forces(model, part.replace(positions=x), topology, create_graph=True)
+        graphs.append(_ForceGraph(x, ef.forces, rows, systems))
+    return graphs
 
 
 class ImplicitFixedPoint(torch.autograd.Function):
@@ -235,6 +283,7 @@ class ImplicitFixedPoint(torch.autograd.Function):
                                                 guess=guess[atom_mask] if guess is not None else None)
             stats.solution = torch.zeros_like(g).index_put((atom_mask,), v.detach())
             stats.cg_iterations += int(info["iterations"]) + (guess is not None)
+            stats.cg_structure_iterations += int(info["per_structure"].sum())
             stats.cg_converged = info["converged"].tolist()
             stats.negative_curvature = info["negative"].tolist()
             stats.truncated += int(info["negative"].sum())
