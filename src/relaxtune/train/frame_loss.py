@@ -39,6 +39,7 @@ class FrameLoss:
         self.device = device
         self.train_index = train_index  # id(pair) -> training index (the frame draw's key)
         self._cache: dict[int, list] = {}
+        self._parts: dict[int, tuple[Any, Any]] = {}  # id(frame) -> (frame, its topology part): frames never move
 
     def frames(self, pair) -> list:
         """The pair's DFT frames (``relaxtune.data.pairs.dft_frames``), the relaxed one last."""
@@ -75,7 +76,7 @@ class FrameLoss:
         stresses = [frame_stress(a) if use_stress else None for a in structures]
         with_stress = c.stress_weight > 0 and any(st is not None for st in stresses)
         batch = Batch.from_atoms(structures, dtype=self.dtype, device=self.device)
-        ef = energy_and_forces(self.model, batch, self.model.prepare(batch), create_graph=True,
+        ef = energy_and_forces(self.model, batch, self._prepared(structures, batch), create_graph=True,
                                compute_stress=with_stress)
         e_dft = torch.tensor([a.get_potential_energy() for a in structures], dtype=self.dtype, device=self.device)
         f_dft = torch.tensor(np.concatenate([a.get_forces() for a in structures]), dtype=self.dtype,
@@ -92,3 +93,14 @@ class FrameLoss:
             s_term = losses.stress_loss(ef.stress, s_dft)
             terms = terms + c.stress_weight * torch.where(has, s_term, torch.zeros_like(s_term))
         return terms[torch.tensor(rows, dtype=torch.long, device=terms.device)]
+
+    def _prepared(self, structures: list, batch: Batch) -> Any:
+        """The topology of ``batch`` (these frames): each frame's part is built once and kept, since frames never
+        move, and the parts are joined per call; a model that does not split its topology prepares the batch."""
+        missing = [k for k, a in enumerate(structures) if self._parts.get(id(a), (None,))[0] is not a]
+        if missing:
+            parts = self.model.prepare_parts(batch.select(missing))
+            if parts is None:
+                return self.model.prepare(batch)
+            self._parts.update({id(structures[k]): (structures[k], part) for k, part in zip(missing, parts)})
+        return self.model.join_parts([self._parts[id(a)][1] for a in structures], batch)
