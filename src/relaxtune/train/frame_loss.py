@@ -28,6 +28,10 @@ class FrameChunk(NamedTuple):
     use_stress: bool
 
 
+#: most frames whose topology is kept (a 64-atom CHGNet frame's is about 0.2 MB)
+KEPT_TOPOLOGIES = 4096
+
+
 class FrameLoss:
     """DFT frames of the training pairs (read once) and their loss terms under ``model``."""
 
@@ -95,12 +99,18 @@ class FrameLoss:
         return terms[torch.tensor(rows, dtype=torch.long, device=terms.device)]
 
     def _prepared(self, structures: list, batch: Batch) -> Any:
-        """The topology of ``batch`` (these frames): each frame's part is built once and kept, since frames never
-        move, and the parts are joined per call; a model that does not split its topology prepares the batch."""
+        """The topology of ``batch`` (these frames): each frame's part is built once and kept (frames never move;
+        the first ``KEPT_TOPOLOGIES`` frames), and the parts are joined per call; a model that does not split its
+        topology prepares the batch."""
         missing = [k for k, a in enumerate(structures) if self._parts.get(id(a), (None,))[0] is not a]
         if missing:
             parts = self.model.prepare_parts(batch.select(missing))
             if parts is None:
                 return self.model.prepare(batch)
-            self._parts.update({id(structures[k]): (structures[k], part) for k, part in zip(missing, parts)})
+            fresh = {id(structures[k]): (structures[k], part) for k, part in zip(missing, parts)}
+            joined = self.model.join_parts([fresh.get(id(a), self._parts.get(id(a)))[1] for a in structures], batch)
+            for key, value in fresh.items():
+                if len(self._parts) < KEPT_TOPOLOGIES:
+                    self._parts[key] = value
+            return joined
         return self.model.join_parts([self._parts[id(a)][1] for a in structures], batch)
