@@ -128,7 +128,7 @@ def test_forces_objective_baseline_runs_and_lowers_force_error(sw_pairs, tmp_pat
 
 def test_structure_plus_forces_adds_each_structures_mean_frame_loss(sw_pairs, tmp_path):
     pairs = sw_pairs[:2]
-    cfg = TrainConfig(**{**SW, "objective": "structure+forces"}, forces_mix=7.0)
+    cfg = TrainConfig(**{**SW, "objective": "structure+forces"}, forces_mix=7.0, frames_per_structure=0)  # all frames
     trainer = Trainer(cfg, pairs, [], tmp_path, progress=False)
     combined = measure(trainer.objectives.combined(pairs, epoch=1))
     structure = measure(trainer.objectives.structure(pairs)).loss_sum

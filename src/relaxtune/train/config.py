@@ -118,7 +118,7 @@ class TrainConfig:
     stress_weight: float = 0.1  # per GPa^2, on frames with a DFT stress
     fixed_cell_stress: bool = False  # also the stress of fixed-cell frames (e.g. the relaxed one), see above
     frame_chunk: int = 8
-    frames_per_structure: int = 4  # structure+forces: DFT frames fitted per structure and step (0 = all)
+    frames_per_structure: int = 2  # structure+forces: DFT frames fitted per structure and step (0 = all)
     forces_mix: float = 100.0  # structure+forces: weight of the frame term ((eV/Å)^2) against Dq (√amu·Å)
     # keeping what pretraining knew
     distill_weight: float = 10.0  # weight of the self-distillation term (0 = off)
