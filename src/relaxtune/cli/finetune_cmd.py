@@ -280,7 +280,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune a model by backpropagating through relaxations.
 
-    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 15 epochs) takes about 5.5 minutes on
+    With the defaults, builtin:si-defects-mini (10 structures of 64 atoms, 15 epochs) takes about 4.5 minutes on
     a 2-core CPU, the retention check included; each epoch's log line gives the elapsed time, structures/s and the
     time left.
     """
