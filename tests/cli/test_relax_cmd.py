@@ -346,3 +346,14 @@ def test_both_lbfgs_hessians_reach_the_same_minimum(monkeypatch, capsys, tmp_pat
     code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", tmp_path / "x.extxyz", "--model", "sw",
                           "--lbfgs-h0", "exact")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "--lbfgs-h0" in stderr
+
+
+def test_step_size_with_the_default_lbfgs_is_one_line_exit_2(monkeypatch, capsys, tmp_path, si_file):
+    """L-BFGS (the default optimizer) has no step size: --step-size alone would be silently ignored."""
+    out = tmp_path / "o.extxyz"
+    code, _, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--step-size", "0.05")
+    assert code == 2 and "--step-size" in stderr and "lbfgs" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists() or out.stat().st_size == 0
+    code, stdout, stderr = run(monkeypatch, capsys, "relax", si_file, "-o", out, "--model", "sw", "--step-size",
+                               "0.05", "--optimizer", "fire", "--fmax", "0.01")
+    assert code == 0 and "3 converged" in stdout, stderr

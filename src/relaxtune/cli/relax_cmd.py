@@ -144,7 +144,7 @@ def relax_cmd(
     max_atoms: Optional[int] = typer.Option(None, "--max-atoms", min=1, help="Most atoms relaxed together (a larger "
                                             "structure runs alone). Default: no limit."),
     step_size: Optional[float] = typer.Option(None, min=1e-9, help="gd: eta in Å²/eV (default 0.02); fire: "
-                                              "initial time step (default 0.1)."),
+                                              "initial time step (default 0.1); not for lbfgs."),
     index: str = typer.Option(":", help="Which frames of INPUT (ASE index: ':' all, '-1' last, '0:10')."),
     device: str = typer.Option("cpu", help="torch device (cpu, cuda)."),
     threads: int = typer.Option(0, "--threads", min=0, help=THREADS_HELP),
@@ -154,6 +154,9 @@ def relax_cmd(
 ) -> None:
     """Relax every structure of INPUT and write the relaxed structures to OUTPUT (extxyz)."""
     check_writable(output, "--output")
+    if step_size is not None and optimizer == "lbfgs":
+        raise UserInputError("--step-size: sets gd's or fire's step; lbfgs steps by its inverse Hessian (see "
+                             "--lbfgs-h0), so give --optimizer fire or gd with it")
     use_threads(threads)
     frames = read_structures(input, index)
     net, dtype = _load(model, device)
