@@ -69,6 +69,11 @@ def evaluate_views(model_spec: str, path: Path) -> dict:
     return out
 
 
+def views_of(checkpoint: Path, path: Path) -> dict:
+    """The held-out rows of ``checkpoint``: those already written to ``path``, else evaluated now."""
+    return json.loads(path.read_text()) if path.exists() else evaluate_views(str(checkpoint), path)
+
+
 def train_and_evaluate(changes: dict, seed: int, folder: Path, also_last: bool = False) -> dict:
     """Fine-tune one seed into ``folder`` (resuming a killed run) and evaluate its best.pt (and its last.pt,
     the weights after the final epoch, under ``"last"``)."""
@@ -87,19 +92,13 @@ def train_and_evaluate(changes: dict, seed: int, folder: Path, also_last: bool =
         finetune(config, train, val, folder, resume=(folder / "last.pt").exists(), progress=False,
                  log=lambda m: print(f"[seed {seed}] {m}", file=sys.stderr, flush=True))
         print(f"[seed {seed}] trained in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    evaluation = folder / "heldout.json"
-    if not evaluation.exists():
-        evaluate_views(str(folder / "best.pt"), evaluation)
-    last = {}
-    if also_last:
-        last_path = folder / "heldout_last.json"
-        last = {"last": json.loads(last_path.read_text()) if last_path.exists()
-                else evaluate_views(str(folder / "last.pt"), last_path)}
+    best = views_of(folder / "best.pt", folder / "heldout.json")
+    last = {"last": views_of(folder / "last.pt", folder / "heldout_last.json")} if also_last else {}
     retention_path = folder / "retention.json"
     if not retention_path.exists():
         summary = json.loads(done.read_text())
         _write_json(summary.get("retention") or check_retention(folder, val), retention_path)
-    return {**json.loads(evaluation.read_text()), **last, "retention": json.loads(retention_path.read_text())}
+    return {**best, **last, "retention": json.loads(retention_path.read_text())}
 
 
 def check_retention(folder: Path, val: list) -> dict:

@@ -103,14 +103,13 @@ class FrameLoss:
         the first ``KEPT_TOPOLOGIES`` frames), and the parts are joined per call; a model that does not split its
         topology prepares the batch."""
         missing = [k for k, a in enumerate(structures) if self._parts.get(id(a), (None,))[0] is not a]
+        fresh = {}
         if missing:
             parts = self.model.prepare_parts(batch.select(missing))
             if parts is None:
                 return self.model.prepare(batch)
-            fresh = {id(structures[k]): (structures[k], part) for k, part in zip(missing, parts)}
-            joined = self.model.join_parts([fresh.get(id(a), self._parts.get(id(a)))[1] for a in structures], batch)
-            for key, value in fresh.items():
-                if len(self._parts) < KEPT_TOPOLOGIES:
-                    self._parts[key] = value
-            return joined
-        return self.model.join_parts([self._parts[id(a)][1] for a in structures], batch)
+            fresh = {id(structures[k]): part for k, part in zip(missing, parts)}
+            for k in missing[:max(0, KEPT_TOPOLOGIES - len(self._parts))]:
+                self._parts[id(structures[k])] = (structures[k], fresh[id(structures[k])])
+        return self.model.join_parts([fresh[id(a)] if id(a) in fresh else self._parts[id(a)][1] for a in structures],
+                                     batch)
