@@ -13,6 +13,13 @@ from relaxtune.state import Batch
 
 TRUTH = dict(sigma=2.0951 * 1.015, lambda1=23.0)
 
+#: a trainer recipe for SW pairs (fast, exact in float64): the reference method's loss, Dq from the initial
+#: structures; no self-distillation or retention check, since the synthetic "DFT" is another SW, wrong in bulk
+#: too (keeping the pretrained bulk is tests/train/test_distill.py's subject)
+SW_TRAINING = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
+                   eval_fmax=1e-3, eval_optimizer="fire", objective="structure", val_start="initial",
+                   start="initial", dq_scale="absolute", distill_weight=0.0, retention_check=False)
+
 
 def make_sw_pairs(n: int, seed: int = 0, with_trajectory: bool = False) -> list[RelaxationPair]:
     truth = StillingerWeber(**TRUTH)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from swdata import make_cell_relaxation
+from swdata import SW_TRAINING as SW, make_cell_relaxation
 
 import relaxtune.train as train_package
 from relaxtune.potentials.chgnet import CHGNetModel
@@ -19,13 +19,6 @@ from relaxtune.potentials.sevennet import SevenNetModel
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import Trainer, finetune
 from relaxtune.train.parameters import lr_factor, select_trainable
-
-SW = dict(model="sw", dtype="float64", optimizer="gd", steps=300, fmax=1e-3, batch_size=2, lr=3e-3,
-          eval_fmax=1e-3, eval_optimizer="fire", objective="structure", val_start="initial", start="initial",
-          dq_scale="absolute",  # the reference method: mean Dq from the initial structures
-          # the synthetic world's "DFT" is another SW, wrong in bulk too: keeping the pretrained bulk is not the
-          # point of these tests (tests/train/test_distill.py is)
-          distill_weight=0.0, retention_check=False)
 
 
 def _weights(path):
@@ -85,8 +78,9 @@ def test_learn_step_moves_relaxation_parameters_and_reports_movement(sw_pairs, t
     assert any("step size gets no gradient" in n for n in notes)  # and the log says so up front
 
 
-def test_resume_after_kill_gives_the_same_weights(sw_pairs, tmp_path):
-    cfg = TrainConfig(**SW, grad="full", epochs=4, learn_step=True)
+@pytest.mark.parametrize("average_epochs", [0.0, 1.5])
+def test_resume_after_kill_gives_the_same_weights(sw_pairs, tmp_path, average_epochs):
+    cfg = TrainConfig(**SW, grad="full", epochs=4, learn_step=True, average_epochs=average_epochs)
     straight = tmp_path / "straight"
     finetune(cfg, sw_pairs[:4], sw_pairs[4:], straight, progress=False)
     killed = tmp_path / "killed"

@@ -22,7 +22,7 @@ from relaxtune.relax import OPTIMIZERS
 from relaxtune.relax.implicit import GRAD_MODES
 from relaxtune.train.config import DTYPES, HYBRID_HEADS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="Command-line interface: ``relaxtune relax | finetune | evaluate | report | data``.")
 
 

@@ -28,7 +28,7 @@ from relaxtune.data.splits import groups_of
 from relaxtune.dft import GenerateError, GenerateSettings, generate, pending, preflight, read_structures
 from relaxtune.cli.common import CONVENTION, UserInputError, app, check_writable, path_given_once
 
-data_app = typer.Typer(no_args_is_help=True, add_completion=False,
+data_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
                        help="Reference relaxation datasets: build inputs, generate with DFT, inspect, split.")
 app.add_typer(data_app, name="data")
 

@@ -271,6 +271,7 @@ def finetune_command(
     patience: int = typer.Option(DEFAULTS.patience, "--patience", help="Early stopping after N epochs without improvement (0 = off).", rich_help_panel="Optimisation and validation"),
     weight_decay: float = typer.Option(DEFAULTS.weight_decay, "--weight-decay", help="AdamW weight decay.", rich_help_panel="Optimisation and validation"),
     grad_clip: float = typer.Option(DEFAULTS.grad_clip, "--grad-clip", help="Gradient-norm clipping per group (0 = off).", rich_help_panel="Optimisation and validation"),
+    average_epochs: float = typer.Option(DEFAULTS.average_epochs, "--average-epochs", min=0.0, help="Validation, best.pt and the retention check use the moving average of the weights over about this many epochs (0 = the trained weights).", rich_help_panel="Optimisation and validation"),
     step_lr: float = typer.Option(DEFAULTS.step_lr, "--step-lr", help="Learning rate of the relaxation parameters.", rich_help_panel="Training relaxation"),
     dtype: Optional[Literal[DTYPES]] = typer.Option(None, "--dtype", help="Default: float64 for sw/lj, else float32.", rich_help_panel="Model"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars.", rich_help_panel="Machine"),

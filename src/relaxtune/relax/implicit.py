@@ -182,18 +182,16 @@ def implicit_vjp(
     g: torch.Tensor,
     params: Sequence[torch.Tensor],
     config: ImplicitConfig = ImplicitConfig(),
-    prepared: Any = None,
     guess: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, dict]:
     """The implicit vector-Jacobian product at a relaxed structure.
 
     Returns (dL/dθ for each of ``params`` (None where unused), v = (H+λ)⁻¹ P g, CG info). ``batch_star`` is the
-    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3); ``guess``: a starting point for v (CG's ``x0``);
-    ``prepared``: ``batch_star``'s topology (used when the force graph is batched).
+    relaxed batch (detached); ``g`` = ∂L/∂X* (n_atoms, 3); ``guess``: a starting point for v (CG's ``x0``).
     """
     project, _ = _translation_projector(batch_star, config.project_translations)
     with torch.enable_grad():
-        graphs = _force_graphs(model, batch_star, prepared, config.separate_graphs(batch_star.device))
+        graphs = _force_graphs(model, batch_star, config.separate_graphs(batch_star.device))
 
         def hvp(u: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
             # H u = -∂(F·u)/∂X, only on the graphs that hold an active structure
@@ -227,17 +225,16 @@ class _ForceGraph:
     systems: slice
 
 
-def _force_graphs(model: EnergyModel, batch: Batch, prepared: Any, separate: bool) -> list[_ForceGraph]:
+def _force_graphs(model: EnergyModel, batch: Batch, separate: bool) -> list[_ForceGraph]:
     """The force graph of ``batch`` at its positions: one for the whole batch, or one per structure."""
     if not separate:
-        parts = [(batch, prepared, slice(0, batch.n_atoms), slice(0, batch.n_systems))]
+        parts = [(batch, slice(0, batch.n_atoms), slice(0, batch.n_systems))]
     else:
-        parts = [(batch.select([k]), None, rows, slice(k, k + 1)) for k, rows in enumerate(batch.system_slices())]
+        parts = [(batch.select([k]), rows, slice(k, k + 1)) for k, rows in enumerate(batch.system_slices())]
     graphs = []
-    for part, topology, rows, systems in parts:
-        if topology is None:
-            with torch.no_grad():
-                topology = model.prepare(part)
+    for part, rows, systems in parts:
+        with torch.no_grad():
+            topology = model.prepare(part)
         x = part.positions.detach().requires_grad_(True)
         ef = energy_and_forces(model, part.replace(positions=x), topology, create_graph=True)
         graphs.append(_ForceGraph(x, ef.forces, rows, systems))

@@ -20,7 +20,8 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
                         "retention_check": False, "distill_project": False,
-                        "low_rank": 0, "distill_force_weight": 1.0}
+                        "low_rank": 0, "distill_force_weight": 1.0,
+                       "average_epochs": 0.0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 HYBRID_HEADS = ("checkpoint", "full")
@@ -59,7 +60,9 @@ class TrainConfig:
 
     Optimisation: AdamW (``lr``, ``weight_decay``; ``embedding_lr`` for the per-element embeddings), linear
     warmup over ``warmup_frac`` of the steps then cosine decay to ``lr * min_lr_ratio`` (or constant),
-    gradient-norm clipping at ``grad_clip`` (0 = off), ``train_params`` = all | readout | freeze-embeddings |
+    gradient-norm clipping at ``grad_clip`` (0 = off); validation, best.pt and the retention check see the
+    moving average of the weights over the last ``average_epochs`` epochs (``relaxtune.train.averaging``; 0 =
+    the trained weights themselves); ``train_params`` = all | readout | freeze-embeddings |
     comma-separated name fragments; ``low_rank`` r > 0 trains instead a rank-r update of each of those linear
     layers with the base weights fixed (``relaxtune.train.lowrank``).
 
@@ -105,6 +108,7 @@ class TrainConfig:
     warmup_frac: float = 0.1
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    average_epochs: float = 0.0  # time constant of the weights' moving average in epochs (0 = no average)
     train_params: str = "all"
     # loss (structure objective)
     dq_weight: float = 1.0
@@ -179,7 +183,8 @@ class TrainConfig:
             raise ValueError(f"dtype: {self.dtype!r} is not float32 or float64")
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
-        for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank", "distill_force_weight"):
+        for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank", "distill_force_weight",
+                     "average_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",

@@ -36,6 +36,7 @@ from relaxtune.potentials.checkpoint import DTYPES, base_model_spec, read_checkp
 from relaxtune.relax import StepParameters
 from relaxtune.retention import retention, retention_lines
 from relaxtune.train import checkpoint as ckpt
+from relaxtune.train.averaging import WeightAverage
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.frame_loss import FrameLoss
 from relaxtune.train.history import EpochStats, History, epoch_line
@@ -90,6 +91,8 @@ class Trainer:
         self.batches_per_epoch = int(math.ceil(len(self.train) / config.batch_size))
         self.total_steps = config.epochs * self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
+        self.average = WeightAverage(self.model_params + self.relax_params, config.average_epochs,
+                                     self.batches_per_epoch)
         train_index = {id(p): i for i, p in enumerate(self.train)}
         self.state = RunState(History(bool(self.val), config.min_delta, config.patience),
                               WarmStarts(config, train_index), Movement(self.model, self.relax_params))
@@ -240,6 +243,7 @@ class Trainer:
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(group["params"], self.config.grad_clip)
         self.optimizer.step()
+        self.average.update()
         self.scheduler.step()
         stats.loss_sum += loss_sum
         stats.n += n_ok
@@ -254,8 +258,10 @@ class Trainer:
         if not self.val:
             return None
         c = self.config
-        result = self._evaluate(self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer, max_steps=c.eval_max_steps,
-                                batch_size=c.batch_size, dtype=self.dtype, start=c.val_start)
+        with self.average.applied():
+            result = self._evaluate(self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer,
+                                    max_steps=c.eval_max_steps, batch_size=c.batch_size, dtype=self.dtype,
+                                    start=c.val_start)
         return {**result.metrics, "dq_by_structure": {r["name"]: r["dq"] for r in result.rows}}
 
     def _measure_dq_scale(self) -> list[float]:
@@ -280,12 +286,15 @@ class Trainer:
             self.model, self.config, model_spec=self.model_spec, step_params=self.step_params,
             step_params_kwargs=self.step_params_kwargs, epoch=self.state.epoch, metrics=metrics,
             train_species=self.train_species,
-            trainer=self.state.entry(self.optimizer, self.scheduler, self.model) if with_trainer else None)
+            trainer={**self.state.entry(self.optimizer, self.scheduler, self.model), **self.average.state()}
+            if with_trainer else None)
 
     def _save(self, row: dict[str, Any], val: dict | None) -> None:
-        """best.pt when the epoch is the best so far, last.pt and metrics.csv."""
+        """best.pt (the averaged weights, which validation measured) when the epoch is the best so far, last.pt
+        (the trained weights and the average) and metrics.csv."""
         if row["is_best"]:
-            ckpt.atomic_save(self._payload(val, with_trainer=False), self.out / "best.pt")
+            with self.average.applied():
+                ckpt.atomic_save(self._payload(val, with_trainer=False), self.out / "best.pt")
         ckpt.atomic_save(self._payload(val, with_trainer=True), self.out / "last.pt")
         ckpt.atomic_write_text(self.state.history.csv_text(), self.out / "metrics.csv")
 
@@ -296,6 +305,7 @@ class Trainer:
         if self.step_params is not None and data.get("step_params") is not None:
             self.step_params.load_state_dict(data["step_params"])
         self.state.load(data, self.optimizer, self.scheduler, self.model)
+        self.average.load(data["trainer"])
 
     def check_retention(self) -> dict[str, Any]:
         """best.pt against the pretrained model on what neither trained on (``relaxtune.retention``): the crystals
