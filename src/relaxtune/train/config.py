@@ -20,8 +20,7 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
                         "retention_check": False, "distill_project": False,
-                        "low_rank": 0, "distill_force_weight": 1.0,
-                       "average_epochs": 0.0}
+                        "low_rank": 0, "distill_force_weight": 1.0, "average_epochs": 0.0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
 SCHEDULES = ("cosine", "constant")
 HYBRID_HEADS = ("checkpoint", "full")
