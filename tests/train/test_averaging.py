@@ -47,7 +47,7 @@ def test_validation_and_best_checkpoint_see_the_averaged_weights_and_last_the_tr
     assert trainer.state.history.best["epoch"] == 3  # the last epoch: best.pt and last.pt hold the same moment
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "last.pt", weights_only=True)
-    with trainer.average.applied():
+    with trainer.state.average.applied():
         for name, value in trainer.model.state_dict().items():
             torch.testing.assert_close(best["state_dict"][name], value)
     for name, value in trainer.model.state_dict().items():

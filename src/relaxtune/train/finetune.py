@@ -91,11 +91,11 @@ class Trainer:
         self.batches_per_epoch = int(math.ceil(len(self.train) / config.batch_size))
         self.total_steps = config.epochs * self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, self.total_steps))
-        self.average = WeightAverage(self.model_params + self.relax_params, config.average_epochs,
-                                     self.batches_per_epoch)
         train_index = {id(p): i for i, p in enumerate(self.train)}
         self.state = RunState(History(bool(self.val), config.min_delta, config.patience),
-                              WarmStarts(config, train_index), Movement(self.model, self.relax_params))
+                              WarmStarts(config, train_index), Movement(self.model, self.relax_params),
+                              WeightAverage(self.model_params + self.relax_params, config.average_epochs,
+                                            self.batches_per_epoch))
         self.keep = KeepPretrained(config, self.model, self.model_params, self.train_species, self.dtype)
         self.frames = FrameLoss(config, self.model, self.dtype, self.device, train_index)
         self.objectives = Objectives(config, self.model, self.step_params, self.dtype, self.device, self.frames,
@@ -243,7 +243,7 @@ class Trainer:
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(group["params"], self.config.grad_clip)
         self.optimizer.step()
-        self.average.update()
+        self.state.average.update()
         self.scheduler.step()
         stats.loss_sum += loss_sum
         stats.n += n_ok
@@ -258,7 +258,7 @@ class Trainer:
         if not self.val:
             return None
         c = self.config
-        with self.average.applied():
+        with self.state.average.applied():
             result = self._evaluate(self.val, fmax=c.eval_fmax, optimizer=c.eval_optimizer,
                                     max_steps=c.eval_max_steps, batch_size=c.batch_size, dtype=self.dtype,
                                     start=c.val_start)
@@ -286,14 +286,13 @@ class Trainer:
             self.model, self.config, model_spec=self.model_spec, step_params=self.step_params,
             step_params_kwargs=self.step_params_kwargs, epoch=self.state.epoch, metrics=metrics,
             train_species=self.train_species,
-            trainer={**self.state.entry(self.optimizer, self.scheduler, self.model), **self.average.state()}
-            if with_trainer else None)
+            trainer=self.state.entry(self.optimizer, self.scheduler, self.model) if with_trainer else None)
 
     def _save(self, row: dict[str, Any], val: dict | None) -> None:
         """best.pt (the averaged weights, which validation measured) when the epoch is the best so far, last.pt
         (the trained weights and the average) and metrics.csv."""
         if row["is_best"]:
-            with self.average.applied():
+            with self.state.average.applied():
                 ckpt.atomic_save(self._payload(val, with_trainer=False), self.out / "best.pt")
         ckpt.atomic_save(self._payload(val, with_trainer=True), self.out / "last.pt")
         ckpt.atomic_write_text(self.state.history.csv_text(), self.out / "metrics.csv")
@@ -305,7 +304,6 @@ class Trainer:
         if self.step_params is not None and data.get("step_params") is not None:
             self.step_params.load_state_dict(data["step_params"])
         self.state.load(data, self.optimizer, self.scheduler, self.model)
-        self.average.load(data["trainer"])
 
     def check_retention(self) -> dict[str, Any]:
         """best.pt against the pretrained model on what neither trained on (``relaxtune.retention``): the crystals

@@ -13,6 +13,7 @@ import torch
 
 from relaxtune.potentials.base import EnergyModel
 from relaxtune.train import checkpoint as ckpt
+from relaxtune.train.averaging import WeightAverage
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.history import History
 from relaxtune.train.lowrank import factor_state, has_low_rank, load_factor_state, merged_state_dict
@@ -22,12 +23,14 @@ from relaxtune.train.warm_start import WarmStarts
 
 @dataclass
 class RunState:
-    """The epochs done, their history, the warm starts, θ0 (``Movement``), the pretrained Dq of each training
-    structure (``dq_scale="pretrained"``, in training order) and the wall time of earlier sessions."""
+    """The epochs done, their history, the warm starts, θ0 (``Movement``), the weights' moving average, the
+    pretrained Dq of each training structure (``dq_scale="pretrained"``, in training order) and the wall time of
+    earlier sessions."""
 
     history: History
     warm: WarmStarts
     movement: Movement
+    average: WeightAverage
     epoch: int = 0
     dq_scale: list[float] = field(default_factory=list)
     elapsed_before: float = 0.0
@@ -52,6 +55,7 @@ class RunState:
             "elapsed": self.elapsed(),
             "dq_scale": self.dq_scale,
             **self.warm.state(),
+            **self.average.state(),
         }
 
     def load(self, data: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -74,6 +78,7 @@ class RunState:
         self.elapsed_before = float(tr.get("elapsed", 0.0))
         self.dq_scale = [float(v) for v in tr.get("dq_scale") or []]
         self.warm.load(tr)
+        self.average.load(tr)
         self.epoch = int(data["epoch"])
 
 
