@@ -84,6 +84,7 @@ def test_finetune_checkpoint_is_a_model_for_evaluate(monkeypatch, capsys, datase
     (["DATASET", "--energy-scale", "per-molecule"], "Invalid value for '--energy-scale': 'per-molecule' is not one "
                                                     "of 'per-atom', 'total'"),
     (["DATASET", "--train-params", "nothing_matches"], "no parameter of the model matches"),
+    (["DATASET", "--replay", "no/such/bulk"], "--replay no/such/bulk"),
 ])
 def test_finetune_user_errors_are_one_line(monkeypatch, capsys, dataset, tmp_path, args, message):
     args = [str(dataset) if a == "DATASET" else a for a in args]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from relaxtune.potentials.classical import SW_SI_1985, StillingerWeber
-from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set, perturbed_copies
+from relaxtune.train.distill import draw, distillation_loss, distillation_set, perturbed_copies
 from relaxtune.train.keep_pretrained import drop_conflict
 from relaxtune.data.bulk import bulk_prototypes
 
@@ -58,10 +58,10 @@ def test_distill_force_weight_scales_only_the_force_term():
 
 
 def test_each_step_draws_the_same_structures_on_every_rank_and_on_resume():
-    assert distillation_draw(12, 8, seed=3, step=5) == distillation_draw(12, 8, seed=3, step=5)
-    assert distillation_draw(12, 8, seed=3, step=5) != distillation_draw(12, 8, seed=3, step=6)
-    assert len(set(distillation_draw(12, 8, seed=0, step=0))) == 8
-    assert distillation_draw(3, 8, seed=0, step=0) == [0, 1, 2]
+    assert draw(12, 8, seed=3, step=5) == draw(12, 8, seed=3, step=5)
+    assert draw(12, 8, seed=3, step=5) != draw(12, 8, seed=3, step=6)
+    assert len(set(draw(12, 8, seed=0, step=0))) == 8
+    assert draw(3, 8, seed=0, step=0) == [0, 1, 2]
 
 
 def test_perturbed_copies_keep_atoms_and_differ_in_cell():

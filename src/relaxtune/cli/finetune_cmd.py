@@ -46,7 +46,7 @@ CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 #: the fields without an option (tuning knobs of the loss, the schedule, CG and validation): a --config file sets them
 CONFIG_FILE_ONLY = frozenset({
     "cg_max_iter", "damping", "schedule", "warmup_frac", "min_lr_ratio", "dq_weight", "rmsd_weight", "dq_scale_floor",
-    "force_weight", "frame_chunk", "distill_per_prototype", "distill_per_step", "distill_force_weight", "eval_fmax",
+    "force_weight", "frame_chunk", "distill_per_prototype", "distill_per_step", "distill_force_weight", "replay_per_step", "eval_fmax",
     "eval_max_steps", "eval_optimizer", "min_delta", "max_force",
 })
 
@@ -238,6 +238,14 @@ def finetune_command(
     distill_project: bool = typer.Option(DEFAULTS.distill_project, "--distill-project/--no-distill-project",
                                          help="Gradient surgery: drop the part of each step's data gradient that "
                                          "points against the self-distillation gradient.", rich_help_panel="Keeping what the pretrained model knew"),
+    replay: str = typer.Option(DEFAULTS.replay, "--replay", metavar="DATA",
+                               help="DFT relaxations to replay: each step also fits a few of their DFT frames "
+                               "(energy, forces, stress), e.g. builtin:crystals:train or your own bulk "
+                               "relaxations at the training data's level of theory (default: none).",
+                               rich_help_panel="Keeping what the pretrained model knew"),
+    replay_weight: float = typer.Option(DEFAULTS.replay_weight, "--replay-weight", min=0.0,
+                                        help="Weight of the replay term (with --replay).",
+                                        rich_help_panel="Keeping what the pretrained model knew"),
     low_rank: int = typer.Option(DEFAULTS.low_rank, "--low-rank", min=0,
                                  help="Train a rank-r update of every trainable linear layer (LoRA-style), base "
                                  "weights fixed; checkpoints hold the merged weights (0 = train the weights).", rich_help_panel="Keeping what the pretrained model knew"),
@@ -286,9 +294,6 @@ def finetune_command(
     time left.
     """
     options = {name: value for name, value in locals().items() if name in CONFIG_FIELDS}  # first: only the options
-
-
-
     out = path_given_once(out, "--out", out_short, "-o", "the run folder to write")
     use_threads(threads)
     try:  # under torchrun: join the process group (data-parallel over the ranks; see train/distributed.py)
@@ -308,6 +313,8 @@ def finetune_command(
     if resume and not force:
         check_resume_options(out, config)
     train_pairs, val_pairs, note = resolve_data(train, val)
+    if config.replay:
+        _load_pairs(config.replay, "--replay")  # a bad spec fails here, before any compute
     if overwrite and ctx.is_main:
         removed = clear_run_folder(out)
         if removed:

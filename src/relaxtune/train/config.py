@@ -69,7 +69,9 @@ class TrainConfig:
     the ``distill_per_prototype`` strained, rattled copies of each bulk crystal of the training elements to the
     pretrained model's energy, forces and stress, at ``distill_weight`` (0 = off; forces at ``distill_force_weight``,
     stress at ``stress_weight``);
-    with ``distill_project`` the data gradient first loses its component against the distillation gradient
+    ``replay`` (a data spec, e.g. ``builtin:crystals:train``; "" = off) adds ``replay_weight`` x the frame loss of
+    ``replay_per_step`` of its structures' DFT frames per step (``relaxtune.train.replay``);
+    with ``distill_project`` the data gradient first loses its component against the gradient of those terms
     (gradient surgery, PCGrad), so a step on the defects does not undo the bulk to first order;
     ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights. ``retention_check`` measures best.pt
     against the pretrained model after training (``relaxtune.retention``) into summary.json and the log.
@@ -128,7 +130,10 @@ class TrainConfig:
     distill_per_prototype: int = 4  # strained/rattled copies of each bulk prototype of the training elements
     distill_per_step: int = 8  # of those, fitted per optimizer step
     distill_force_weight: float = 1.0  # weight of the forces in the distillation loss (0: equation of state only)
-    distill_project: bool = True  # remove from the data gradient its component against the distillation's
+    distill_project: bool = True  # remove from the data gradient its component against distillation's + replay's
+    replay: str = ""  # data spec of DFT relaxations replayed at every step, e.g. builtin:crystals:train ("" = off)
+    replay_weight: float = 10.0  # weight of the replay term (with ``replay`` set)
+    replay_per_step: int = 8  # replay structures fitted per optimizer step
     low_rank: int = 0  # > 0: train a rank-r update B·A of each trainable linear layer, base weights fixed
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
     retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
@@ -183,11 +188,11 @@ class TrainConfig:
         if self.frames_per_structure < 0:
             raise ValueError(f"frames_per_structure: must be >= 0 (got {self.frames_per_structure})")
         for name in ("distill_weight", "anchor_weight", "distill_per_prototype", "low_rank", "distill_force_weight",
-                     "average_epochs"):
+                     "average_epochs", "replay_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         for name in ("steps", "epochs", "batch_size", "truncate_steps", "checkpoint_every", "hybrid_steps",
-                     "frame_chunk", "distill_per_step"):
+                     "frame_chunk", "distill_per_step", "replay_per_step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1 (got {getattr(self, name)})")
         if self.lr <= 0:

@@ -84,9 +84,9 @@ def distillation_loss(model: EnergyModel, structures: Sequence[Atoms], stress_we
     return per.mean()
 
 
-def distillation_draw(n_structures: int, k: int, seed: int, step: int) -> list[int]:
-    """Which ``k`` of the set one optimizer step fits: a draw without replacement from a generator of (seed,
-    step) alone, so that every rank and a resumed run draw the same."""
-    rng = np.random.default_rng([int(seed), int(step), 104729])
+def draw(n_structures: int, k: int, seed: int, step: int, salt: int = 104729) -> list[int]:
+    """Which ``k`` of a set one optimizer step fits: a draw without replacement from a generator of (seed,
+    step, salt) alone, so that every rank and a resumed run draw the same."""
+    rng = np.random.default_rng([int(seed), int(step), int(salt)])
     k = min(int(k), n_structures)
     return sorted(rng.choice(n_structures, size=k, replace=False).tolist()) if k else []

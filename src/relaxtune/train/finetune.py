@@ -96,7 +96,8 @@ class Trainer:
                               WarmStarts(config, train_index), Movement(self.model, self.relax_params),
                               WeightAverage(self.model_params + self.relax_params, config.average_epochs,
                                             self.batches_per_epoch))
-        self.keep = KeepPretrained(config, self.model, self.model_params, self.train_species, self.dtype)
+        self.keep = KeepPretrained(config, self.model, self.model_params, self.train_species, self.dtype,
+                                   self.device)
         self.frames = FrameLoss(config, self.model, self.dtype, self.device, train_index)
         self.objectives = Objectives(config, self.model, self.step_params, self.dtype, self.device, self.frames,
                                      self.state)
@@ -229,10 +230,8 @@ class Trainer:
     def _update(self, stats: EpochStats, loss_sum: float, n_ok: int) -> None:
         """The end of every optimizer step (the data gradient complete): the terms that keep the pretrained
         model, gradient norms per group (metrics.csv), clipping, AdamW."""
-        distilled = self.keep.add_gradients(self.scheduler.last_epoch)
-        if distilled is not None:
-            stats.distill_sum += distilled
-            stats.distill_n += 1
+        for name, value in self.keep.add_gradients(self.scheduler.last_epoch).items():
+            stats.keep_losses.setdefault(name, []).append(value)
         for p in self.model_params + self.relax_params:  # unreached this step: a zero gradient, as on many ranks
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -15,7 +15,7 @@ from relaxtune.train.step_loss import StepLoss
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
                  "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
-                 "distill_loss", "grad_norm_model", "grad_norm_elements", "grad_norm_relax",
+                 "distill_loss", "replay_loss", "grad_norm_model", "grad_norm_elements", "grad_norm_relax",
                  "val_dq_mean", "val_dq_median", "val_rmsd_mean", "val_max_disp_mean", "val_basin_match_rate",
                  "val_converged_rate", "val_steps_mean", "step_size", "is_best", "time_s"]
 VAL_KEYS = ("dq_mean", "dq_median", "rmsd_mean", "max_disp_mean", "basin_match_rate", "converged_rate",
@@ -36,8 +36,7 @@ class EpochStats:
     fallback: int = 0
     truncated: int = 0
     grad_norms: dict[str, list[float]] = field(default_factory=dict)
-    distill_sum: float = 0.0
-    distill_n: int = 0
+    keep_losses: dict[str, list[float]] = field(default_factory=dict)  # "distill", "replay": one per step
 
     def add_relaxations(self, step: StepLoss) -> None:
         """Count a step's training relaxations: steps, convergence and what the implicit solve did."""
@@ -54,8 +53,10 @@ class EpochStats:
             "train_converged_rate": float(np.mean(self.converged)) if self.converged else None,
             "skipped_structures": self.skipped_structures, "skipped_batches": self.skipped_batches,
             "cg_iterations": self.cg_iterations, "implicit_fallback": self.fallback, "cg_truncated": self.truncated,
-            "distill_loss": self.distill_sum / self.distill_n if self.distill_n else None,
         }
+        for name in ("distill", "replay"):
+            values = self.keep_losses.get(name)
+            out[f"{name}_loss"] = float(np.mean(values)) if values else None
         for name, norms in self.grad_norms.items():
             out[f"grad_norm_{name}"] = float(np.mean(norms)) if norms else None
         return out

@@ -1,5 +1,6 @@
-"""The gradient terms that keep the model near its pretrained self: self-distillation on bulk of the training
-elements (``relaxtune.train.distill``), with optional gradient surgery, and the L2-SP anchor."""
+"""The gradient terms that keep what the pretrained model knew: self-distillation on bulk of the training
+elements (``relaxtune.train.distill``), replay of general DFT data (``relaxtune.train.replay``), with optional
+gradient surgery against both, and the L2-SP anchor."""
 
 from __future__ import annotations
 
@@ -9,43 +10,51 @@ import torch
 
 from relaxtune.potentials.base import EnergyModel
 from relaxtune.train.config import TrainConfig
-from relaxtune.train.distill import distillation_draw, distillation_loss, distillation_set
+from relaxtune.train.distill import distillation_loss, distillation_set, draw
+from relaxtune.train.replay import Replay
 
 
 class KeepPretrained:
-    """Adds ``distill_weight`` x the distillation gradient and ``anchor_weight`` x ∇|θ-θ0|² to the gradients of
-    ``params`` (the model's trainable weights, at their pretrained values when this is built)."""
+    """Adds ``distill_weight`` x the distillation gradient, ``replay_weight`` x the replay gradient and
+    ``anchor_weight`` x ∇|θ-θ0|² to the gradients of ``params`` (the model's trainable weights, at their
+    pretrained values when this is built)."""
 
     def __init__(self, config: TrainConfig, model: EnergyModel, params: Sequence[torch.Tensor],
-                 species: list[str], dtype: torch.dtype):
+                 species: list[str], dtype: torch.dtype, device: torch.device):
         self.config = config
         self.model = model
         self.params = list(params)
         self.anchor = [p.detach().clone() for p in self.params] if config.anchor_weight > 0 else []
         self.distill = (distillation_set(model, species, config.distill_per_prototype, config.seed, dtype)
                         if config.distill_weight > 0 else [])
+        self.replay = Replay(config, model, dtype, device)
         self.dtype = dtype
 
-    def add_gradients(self, step: int) -> float | None:
-        """Add the terms' gradients once the data gradient is complete (every rank adds the same: the draw of
-        the bulk set depends on the seed and ``step`` alone); returns the distillation loss, if any."""
+    def add_gradients(self, step: int) -> dict[str, float]:
+        """Add the terms' gradients once the data gradient is complete (every rank adds the same: the draws
+        depend on the seed and ``step`` alone); returns the distillation and replay losses of those in use."""
         c = self.config
-        distilled = None
+        losses, weighted = {}, []
         if self.distill and c.distill_weight > 0:
-            picks = distillation_draw(len(self.distill), c.distill_per_step, c.seed, step)
+            picks = draw(len(self.distill), c.distill_per_step, c.seed, step)
             loss = distillation_loss(self.model, [self.distill[i] for i in picks], c.stress_weight, self.dtype,
                                      c.distill_force_weight)
-            grads = torch.autograd.grad(c.distill_weight * loss, self.params, allow_unused=True)
+            losses["distill"], weighted = loss, [c.distill_weight * loss]
+        if self.replay:
+            loss = self.replay.loss(step)
+            losses["replay"] = loss
+            weighted.append(c.replay_weight * loss)
+        if weighted:
+            grads = torch.autograd.grad(sum(weighted), self.params, allow_unused=True)
             if c.distill_project:
                 drop_conflict(self.params, grads)
             for p, g in zip(self.params, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-            distilled = float(loss.detach())
         for p, p0 in zip(self.params, self.anchor):
             g = 2.0 * c.anchor_weight * (p.detach() - p0)
             p.grad = g if p.grad is None else p.grad + g
-        return distilled
+        return {name: float(loss.detach()) for name, loss in losses.items()}
 
 
 def drop_conflict(params: Sequence[torch.Tensor], keep: Sequence[torch.Tensor | None]) -> None:
