@@ -48,7 +48,10 @@ def evaluate_command(
     json_path: Optional[Path] = typer.Option(None, "--json", help="JSON file of the metrics and per-structure rows "
                                              "(rewritten after every batch: Ctrl-C keeps what is finished)."),
     fmax: float = typer.Option(0.02, "--fmax", min=1e-6, help="Relaxation convergence, eV/Å."),
-    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="Relaxation optimizer."),
+    optimizer: Literal[OPTIMIZERS] = typer.Option("fire", "--optimizer", help="Relaxation optimizer: fire (the "
+                                                  "protocol of every held-out figure in docs/results.md), lbfgs "
+                                                  "(relax's default: fewer model calls; from a far start it may "
+                                                  "reach another minimum than FIRE) or gd."),
     max_steps: int = typer.Option(500, "--max-steps", min=0, help="Relaxation step cap."),
     step_size: Optional[float] = typer.Option(None, "--step-size", min=1e-9, help="gd: η in Å²/eV (default 0.02); "
                                               "fire: initial time step (default 0.1). A run trained with "
