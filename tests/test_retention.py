@@ -35,3 +35,14 @@ def test_the_same_model_keeps_everything_and_a_shifted_lattice_is_flagged_worse(
     assert any("NOT kept" in line for line in retention_lines(shifted))
     relaxed = [i for name, i in items.items() if name.startswith("relax Si")]
     assert relaxed and all(i["verdict"] != "same" for i in relaxed)
+
+
+def test_crystals_the_run_fitted_are_named_as_not_held_out():
+    from relaxtune.data import load_pairs
+
+    replayed = load_pairs("builtin:crystals:train")
+    result = retention(_sw(), _sw(), ["Si"], trained_on=replayed)
+    assert result["trained_on_groups"] == ["Si", "Si16", "Si8"]  # Si's crystals of the train split
+    assert any(line.startswith("note: the run fitted DFT frames of the crystals of Si, Si16, Si8")
+               for line in retention_lines(result))
+    assert retention(_sw(), _sw(), ["Si"])["trained_on_groups"] == []

@@ -177,10 +177,15 @@ def crystal_frames(pair, k: int = CRYSTAL_FRAMES) -> list[Atoms]:
 
 
 def retention(finetuned: EnergyModel, pretrained: EnergyModel, species: Sequence[str], *,
-              extra_frames: dict[str, list] | None = None, tolerances: Tolerances = Tolerances()) -> dict[str, Any]:
+              extra_frames: dict[str, list] | None = None, tolerances: Tolerances = Tolerances(),
+              trained_on: Sequence = ()) -> dict[str, Any]:
     """The retention suite (module docstring) for a model fine-tuned on ``species``: ``items`` (one dict each,
-    with its verdict), counts of better/same/worse, and ``kept`` (no item worse)."""
+    with its verdict), counts of better/same/worse, and ``kept`` (no item worse). ``trained_on``: pairs the run
+    fitted (e.g. its replay set); the groups of checked crystals among them are listed as ``trained_on_groups``,
+    since their items are not held out."""
     pairs = crystals_of(species)
+    fitted = {(p.name, p.initial.get_chemical_formula()) for p in trained_on}
+    overlap = sorted({p.group or p.name for p in pairs if (p.name, p.initial.get_chemical_formula()) in fitted})
     frames = {"crystals": [f for p in pairs for f in crystal_frames(p)], **(extra_frames or {})}
     with torch.no_grad():
         items = eos_items(finetuned, pretrained, bulk_prototypes(species), pairs, tolerances)
@@ -188,7 +193,7 @@ def retention(finetuned: EnergyModel, pretrained: EnergyModel, species: Sequence
     items += frame_items(finetuned, pretrained, frames, tolerances)
     counts = {v: sum(i["verdict"] == v for i in items) for v in ("better", "same", "worse")}
     return {"species": sorted(species), "n_crystals": len(pairs), "tolerances": asdict(tolerances),
-            "items": items, "counts": counts, "kept": counts["worse"] == 0}
+            "items": items, "counts": counts, "kept": counts["worse"] == 0, "trained_on_groups": overlap}
 
 
 def retention_lines(result: dict[str, Any]) -> list[str]:
@@ -201,6 +206,9 @@ def retention_lines(result: dict[str, Any]) -> list[str]:
         scale = 100.0 if pct else 1.0
         lines.append(f"  {it['verdict']:>6}  {it['item']}: pretrained {pre * scale:+.3f}{pct}, "
                      f"fine-tuned {ft * scale:+.3f}{pct}")
+    if result.get("trained_on_groups"):
+        lines.append(f"note: the run fitted DFT frames of the crystals of {', '.join(result['trained_on_groups'])} "
+                     "(--replay): their items are not held out")
     c = result["counts"]
     lines.append(f"retention: {c['better']} better, {c['same']} same, {c['worse']} worse -> "
                  f"{'kept' if result['kept'] else 'NOT kept'}")

@@ -29,12 +29,12 @@ from relaxtune.data import DataError, has_splits, load_pairs, pairs_in_split
 from relaxtune.data.pairs import dft_frames
 from relaxtune.evaluate import Evaluation, chunks, evaluate, summarize
 from relaxtune.potentials.base import UnsupportedElementError
-from relaxtune.potentials.checkpoint import base_model_spec, unseen_species
+from relaxtune.potentials.checkpoint import base_model_spec, read_checkpoint, unseen_species
 from relaxtune.retention import retention, retention_lines
 from relaxtune.train import distributed
 from relaxtune.cli.common import (CONVENTION, OPTIMIZERS, STARTS, THREADS_HELP, UserInputError, app, check_model,
                            check_writable, default_dtype, deferred_interrupt, file_error, load_model_or_fail,
-                           note_on_abort, use_threads)
+                           note_on_abort, one_line, use_threads)
 
 
 
@@ -180,9 +180,23 @@ def retention_command(model: str, data: Optional[str], split: Optional[str], jso
             pairs = pairs_in_split(pairs, split) if has_splits(pairs) else []
         frames[data if split is None else f"{data}:{split}"] = [f for p in pairs for f in dft_frames(p)]
     species = net.train_species or sorted({s for fr in frames.values() for a in fr for s in a.get_chemical_symbols()})
-    result = retention(net, pretrained, species, extra_frames=frames)
+    result = retention(net, pretrained, species, extra_frames=frames, trained_on=_replayed(model))
     for line in retention_lines(result):
         typer.echo(line, err=True)
     typer.echo(json.dumps({"kept": result["kept"], **result["counts"]}, indent=2))
     if json_path is not None:
         atomic_write_text(json.dumps({"model": model, "pretrained": base, **result}, indent=2) + "\n", json_path)
+
+
+def _replayed(checkpoint: str) -> list:
+    """The pairs the run behind ``checkpoint`` replayed (``--replay``), so that the check names the crystals it
+    fitted; [] when it replayed nothing or its replay data are no longer where the run found them (said once)."""
+    spec = read_checkpoint(checkpoint).get("config", {}).get("replay") or ""
+    if not spec:
+        return []
+    try:
+        return load_pairs(spec)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"note: the run replayed {spec}, which cannot be read now ({one_line(exc)}); the check cannot "
+                   "tell which crystals it fitted", err=True)
+        return []

@@ -46,8 +46,8 @@ CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 #: the fields without an option (tuning knobs of the loss, the schedule, CG and validation): a --config file sets them
 CONFIG_FILE_ONLY = frozenset({
     "cg_max_iter", "damping", "schedule", "warmup_frac", "min_lr_ratio", "dq_weight", "rmsd_weight", "dq_scale_floor",
-    "force_weight", "frame_chunk", "distill_per_prototype", "distill_per_step", "distill_force_weight", "replay_per_step", "eval_fmax",
-    "eval_max_steps", "eval_optimizer", "min_delta", "max_force",
+    "force_weight", "frame_chunk", "distill_per_prototype", "distill_per_step", "distill_force_weight",
+    "replay_per_step", "eval_fmax", "eval_max_steps", "eval_optimizer", "min_delta", "max_force",
 })
 
 

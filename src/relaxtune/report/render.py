@@ -169,6 +169,9 @@ def _retention_section(run: RunInfo) -> list[str]:
               f"(summary.json `retention`): {counts['better']} better, {counts['same']} same, "
               f"{counts['worse']} worse, **{'kept' if kept['kept'] else 'not kept'}**. Lattice constants and "
               "volume errors in %, bulk moduli in GPa, force RMSE in eV/Å, stress RMSE in GPa.", ""]
+    if kept.get("trained_on_groups"):
+        lines += [f"The run fitted DFT frames of the crystals of {', '.join(kept['trained_on_groups'])} (`--replay`): "
+                  "their items are not held out.", ""]
     rows = []
     for item in kept["items"]:
         scale = 100.0 if ("lattice" in item["item"] or "volume" in item["item"]) else 1.0
