@@ -176,6 +176,11 @@ def crystal_frames(pair, k: int = CRYSTAL_FRAMES) -> list[Atoms]:
     return [frames[i] for i in np.unique(np.linspace(0, len(frames) - 1, k).round().astype(int))]
 
 
+def _identity(pair) -> tuple[str, str]:
+    """What makes a run's training pair the same structure as a checked crystal: name and composition."""
+    return pair.name, pair.initial.get_chemical_formula()
+
+
 def retention(finetuned: EnergyModel, pretrained: EnergyModel, species: Sequence[str], *,
               extra_frames: dict[str, list] | None = None, tolerances: Tolerances = Tolerances(),
               trained_on: Sequence = ()) -> dict[str, Any]:
@@ -184,8 +189,8 @@ def retention(finetuned: EnergyModel, pretrained: EnergyModel, species: Sequence
     fitted (e.g. its replay set); the groups of checked crystals among them are listed as ``trained_on_groups``,
     since their items are not held out."""
     pairs = crystals_of(species)
-    fitted = {(p.name, p.initial.get_chemical_formula()) for p in trained_on}
-    overlap = sorted({p.group or p.name for p in pairs if (p.name, p.initial.get_chemical_formula()) in fitted})
+    fitted = {_identity(p) for p in trained_on}
+    overlap = sorted({p.group or p.name for p in pairs if _identity(p) in fitted})
     frames = {"crystals": [f for p in pairs for f in crystal_frames(p)], **(extra_frames or {})}
     with torch.no_grad():
         items = eos_items(finetuned, pretrained, bulk_prototypes(species), pairs, tolerances)

@@ -312,7 +312,8 @@ class Trainer:
         best = load_checkpoint_model(self.out / "best.pt", dtype=self.dtype).to(self.device)
         pretrained = load_model(self.config.model, dtype=self.dtype).to(self.device)
         frames = {"validation": [f for p in self.val for f in self.frames.frames(p)]}
-        result = retention(best, pretrained, self.train_species, extra_frames=frames, trained_on=self.keep.replay.pairs)
+        result = retention(best, pretrained, self.train_species, extra_frames=frames,
+                           trained_on=self.keep.replay.pairs)
         for line in retention_lines(result):
             self.log(line)
         return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from relaxtune.data import load_pairs
-from relaxtune.data.pairs import dft_frames
 from relaxtune.potentials.base import EnergyModel
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.distill import draw
@@ -28,10 +27,10 @@ class Replay:
     def __init__(self, config: TrainConfig, model: EnergyModel, dtype: torch.dtype, device: torch.device):
         self.config = config
         pairs = load_pairs(config.replay) if config.replay and config.replay_weight > 0 else []
-        self.pairs = [p for p in pairs if dft_frames(p)]
+        self.frames = FrameLoss(config, model, dtype, device, {id(p): i for i, p in enumerate(pairs)})
+        self.pairs = [p for p in pairs if self.frames.frames(p)]  # read once, kept by FrameLoss
         if pairs and not self.pairs:
             raise ValueError(f"replay {config.replay}: no structure carries DFT energies and forces")
-        self.frames = FrameLoss(config, model, dtype, device, {id(p): i for i, p in enumerate(self.pairs)})
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
