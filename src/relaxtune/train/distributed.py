@@ -48,7 +48,7 @@ from relaxtune.potentials.checkpoint import DTYPES, read_checkpoint
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import Trainer
 from relaxtune.train.history import EpochStats
-from relaxtune.train.step_loss import StepLoss
+from relaxtune.train.step_loss import RelaxationCounts, StepLoss
 
 T = TypeVar("T")
 
@@ -265,12 +265,12 @@ class DistributedTrainer(Trainer):
     # -------------------------------------------------------------- epoch statistics
     def _record(self, epoch: int, stats: EpochStats | None, val: dict | None, seconds: float) -> dict[str, Any]:
         if stats is not None and self.ctx.active:
-            # loss, counts and skips are already global (reduced every step); steps/converged are per rank
-            parts = all_gather_objects((stats.steps, stats.converged, stats.fallback, stats.truncated), self.ctx)
-            stats.steps = [s for p in parts for s in p[0]]
-            stats.converged = [s for p in parts for s in p[1]]
-            stats.fallback = sum(p[2] for p in parts)
-            stats.truncated = sum(p[3] for p in parts)
+            # loss, counts, skips and CG iterations are already global (reduced every step); the rest of the
+            # relaxation counts are per rank
+            merged = RelaxationCounts(cg_iterations=stats.relaxations.cg_iterations)
+            for part in all_gather_objects(dataclasses.replace(stats.relaxations, cg_iterations=0), self.ctx):
+                merged.add(part)
+            stats.relaxations = merged
         return super()._record(epoch, stats, val, seconds)
 
     # -------------------------------------------------------------- one optimizer step
@@ -290,15 +290,16 @@ class DistributedTrainer(Trainer):
         reduce_gradients(params, ctx, scale=step.weight)
         total, n_ok, weight, n_blew, failed = all_reduce_sum(
             [step.total, step.n_ok, step.weight, step.n_blew, step.error is not None], ctx)
-        cg_iterations = all_reduce_sum([step.cg_iterations], ctx, op=dist.ReduceOp.MAX)[0]
+        cg_iterations = all_reduce_sum([step.relaxations.cg_iterations], ctx, op=dist.ReduceOp.MAX)[0]
         for fresh in all_gather_objects(self.state.warm.take_fresh(), ctx):
             self.state.warm.merge(fresh)
         errors = [e for e in all_gather_objects(step.error, ctx) if e] if failed else []
         if weight > 0:
             for p in params:
                 p.grad = p.grad / weight
+        relaxations = dataclasses.replace(step.relaxations, cg_iterations=int(cg_iterations))
         return dataclasses.replace(step, total=total, n_ok=int(n_ok), weight=weight, n_blew=int(n_blew),
-                                   cg_iterations=int(cg_iterations), error="; ".join(errors) or None)
+                                   relaxations=relaxations, error="; ".join(errors) or None)
 
 
 def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | Path, ctx: DistContext, *,

@@ -175,7 +175,7 @@ class Trainer:
         step = self._attempt(share, epoch)
         attempted = len(pairs)  # structures a failure of this attempt skips
         if step.error is None:
-            stats.add_relaxations(step)
+            stats.relaxations.add(step.relaxations)
             stats.skipped_structures += step.n_blew
             if step.n_ok and step.n_blew and not self._grads_finite():
                 # NaNs of a blown-up structure can leak into the shared gradient (0 * inf): retry without them

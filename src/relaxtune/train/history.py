@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from relaxtune.train.step_loss import StepLoss
+from relaxtune.train.step_loss import RelaxationCounts
 
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_n", "train_steps_mean", "train_converged_rate",
                  "skipped_structures", "skipped_batches", "cg_iterations", "implicit_fallback", "cg_truncated",
@@ -28,31 +28,20 @@ class EpochStats:
 
     loss_sum: float = 0.0
     n: int = 0
-    steps: list[int] = field(default_factory=list)
-    converged: list[bool] = field(default_factory=list)
+    relaxations: RelaxationCounts = field(default_factory=RelaxationCounts)
     skipped_structures: int = 0
     skipped_batches: int = 0
-    cg_iterations: int = 0
-    fallback: int = 0
-    truncated: int = 0
     grad_norms: dict[str, list[float]] = field(default_factory=dict)
     keep_losses: dict[str, list[float]] = field(default_factory=dict)  # "distill", "replay": one per step
 
-    def add_relaxations(self, step: StepLoss) -> None:
-        """Count a step's training relaxations: steps, convergence and what the implicit solve did."""
-        self.steps.extend(step.steps)
-        self.converged.extend(step.converged)
-        self.cg_iterations += step.cg_iterations
-        self.fallback += step.fallback
-        self.truncated += step.truncated
-
     def row(self) -> dict[str, Any]:
+        r = self.relaxations
         out = {
             "train_loss": self.loss_sum / self.n if self.n else None, "train_n": self.n,
-            "train_steps_mean": float(np.mean(self.steps)) if self.steps else None,
-            "train_converged_rate": float(np.mean(self.converged)) if self.converged else None,
+            "train_steps_mean": float(np.mean(r.steps)) if r.steps else None,
+            "train_converged_rate": float(np.mean(r.converged)) if r.converged else None,
             "skipped_structures": self.skipped_structures, "skipped_batches": self.skipped_batches,
-            "cg_iterations": self.cg_iterations, "implicit_fallback": self.fallback, "cg_truncated": self.truncated,
+            "cg_iterations": r.cg_iterations, "implicit_fallback": r.fallback, "cg_truncated": r.truncated,
         }
         for name in ("distill", "replay"):
             values = self.keep_losses.get(name)

@@ -30,7 +30,7 @@ from relaxtune.train import losses
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.frame_loss import FrameLoss
 from relaxtune.train.run_state import RunState
-from relaxtune.train.step_loss import LossParts, StepLoss
+from relaxtune.train.step_loss import LossParts, RelaxationCounts, StepLoss
 
 
 class Objectives:
@@ -95,12 +95,13 @@ class Objectives:
         kept = torch.where(blew, torch.zeros_like(per), per)
         if n_ok:
             yield kept.sum() / n_ok  # the trainer's backward (implicit, hybrid: the CG solve) runs here
-        step = StepLoss(float(kept.detach().sum()), float(n_ok), n_ok, blew.cpu(), n_blew=int(blew.sum()),
-                        steps=res.n_steps.tolist(), converged=res.converged.tolist())
+        counts = RelaxationCounts(steps=res.n_steps.tolist(), converged=res.converged.tolist())
         if out.stats is not None:
             warm.remember_solutions(pairs, batch, out.stats.solution, blew)
-            step.cg_iterations, step.fallback = out.stats.cg_iterations, out.stats.fallback
-            step.truncated = out.stats.truncated
+            counts.cg_iterations, counts.fallback = out.stats.cg_iterations, out.stats.fallback
+            counts.truncated = out.stats.truncated
+        step = StepLoss(float(kept.detach().sum()), float(n_ok), n_ok, blew.cpu(), n_blew=int(blew.sum()),
+                        relaxations=counts)
         warm.remember_minima(pairs, res.batch, blew)
         return step
 

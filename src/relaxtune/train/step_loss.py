@@ -1,5 +1,5 @@
-"""What an objective measured in one optimizer step: ``StepLoss``, and ``LossParts``, the generator type of an
-objective (pieces of loss to differentiate, then the ``StepLoss``)."""
+"""What an objective measured in one optimizer step: ``StepLoss`` with its ``RelaxationCounts``, and
+``LossParts``, the generator type of an objective (pieces of loss to differentiate, then the ``StepLoss``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,26 @@ from dataclasses import dataclass, field
 from typing import Generator
 
 import torch
+
+
+@dataclass
+class RelaxationCounts:
+    """What training relaxations did, for a step or summed over an epoch: optimizer steps and convergence per
+    structure; the implicit solve's CG iterations, fallbacks to the unrolled gradient and truncated solves."""
+
+    steps: list[int] = field(default_factory=list)
+    converged: list[bool] = field(default_factory=list)
+    cg_iterations: int = 0
+    fallback: int = 0
+    truncated: int = 0
+
+    def add(self, other: "RelaxationCounts") -> None:
+        """Count ``other``'s relaxations in too."""
+        self.steps.extend(other.steps)
+        self.converged.extend(other.converged)
+        self.cg_iterations += other.cg_iterations
+        self.fallback += other.fallback
+        self.truncated += other.truncated
 
 
 @dataclass
@@ -24,11 +44,7 @@ class StepLoss:
     blew: torch.Tensor
     per_frame: bool = False
     n_blew: int = 0
-    steps: list[int] = field(default_factory=list)
-    converged: list[bool] = field(default_factory=list)
-    cg_iterations: int = 0
-    fallback: int = 0
-    truncated: int = 0
+    relaxations: RelaxationCounts = field(default_factory=RelaxationCounts)
     error: str | None = None
 
     @property
