@@ -46,6 +46,7 @@ def test_finetune_writes_outputs_and_uses_the_dataset_split(monkeypatch, capsys,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 4 and summary["n_val"] == 1
     assert summary["val_names"] == ["sw4"] and "sw5" not in summary["train_names"]  # test split untouched
+    assert summary["data"] == str(dataset.resolve())  # the report's default data
     assert printed["val_dq_after"] < printed["val_dq_before"]
     ck = torch.load(out / "best.pt", weights_only=True)
     assert ck["model_spec"] == "sw" and ck["config"]["grad"] == "implicit"

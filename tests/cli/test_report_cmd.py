@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ase.io import write
 
-from relaxtune.data import load_pairs
+from relaxtune.data import dataset_of, load_pairs
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.finetune import finetune
 from helpers import run_cli as run
@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     config = TrainConfig(model="sw", grad="full", steps=3, epochs=1, batch_size=1, lr=1e-3, dtype="float64",
                          eval_max_steps=300, distill_weight=0.0, retention_check=False)
     summary = finetune(config, [p for p in pairs if p.split == "train"], [p for p in pairs if p.split == "test"],
-                       tmp / "run", progress=False)
+                       tmp / "run", progress=False, data=dataset_of(f"{data}:train"))
     return tmp / "run", data, summary
 
 
@@ -52,6 +52,18 @@ def test_report_command_writes_report(monkeypatch, capsys, tiny_run, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in md
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 6
     assert f"{summary['n_train']} |" in md and "si2_relax" in md
+
+
+def test_report_compares_on_the_test_split_of_the_data_the_run_trained_on(monkeypatch, capsys, tiny_run, tmp_path):
+    """The run records its data (summary.json "data"), so a plain ``relaxtune report RUN`` compares on that data's
+    test split, not on a shipped dataset that happens to hold a structure of the same name (vacancy_1)."""
+    run_dir, data, summary = tiny_run
+    assert summary["data"] == str(data.resolve())
+    out = tmp_path / "rep"
+    code, stdout, _ = run(monkeypatch, capsys, "report", run_dir, "--out", out, "--traces", "1")
+    assert code == 0, stdout
+    md = (out / "report.md").read_text()
+    assert f"`{data.resolve()}`, split `test`: 1 structures" in md and "si2_relax" in md
 
 
 def test_report_default_out_is_inside_the_run(monkeypatch, capsys, tiny_run):

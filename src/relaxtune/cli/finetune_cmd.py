@@ -28,7 +28,7 @@ from typing import Literal, Optional
 import typer
 import yaml
 
-from relaxtune.data import DataError, has_splits, load_pairs, train_and_val
+from relaxtune.data import DataError, dataset_of, has_splits, load_pairs, train_and_val
 from relaxtune.potentials.checkpoint import read_checkpoint
 from relaxtune.train import distributed
 from relaxtune.train.finetune import finetune
@@ -325,10 +325,11 @@ def finetune_command(
     try:
         if ctx.active or ctx.device.type != "cpu":
             summary = distributed.finetune_distributed(config, train_pairs, val_pairs, out, ctx, resume=resume,
-                                                       progress=progress, log=lambda m: typer.echo(m, err=True))
+                                                       progress=progress, log=lambda m: typer.echo(m, err=True),
+                                                       data=dataset_of(train))
         else:
             summary = finetune(config, train_pairs, val_pairs, out, resume=resume, progress=progress,
-                               log=lambda m: typer.echo(m, err=True))
+                               log=lambda m: typer.echo(m, err=True), data=dataset_of(train))
     except ValueError as exc:
         raise UserInputError(one_line(exc)) from None
     except KeyboardInterrupt:

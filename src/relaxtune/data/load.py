@@ -18,7 +18,7 @@ from relaxtune.data.pairs import (
     read_splits_file,
     read_trajectory_pairs,
 )
-from relaxtune.data.registry import load_builtin
+from relaxtune.data.registry import load_builtin, parse_builtin
 
 
 def _check_unique(pairs: list[RelaxationPair]) -> None:
@@ -62,3 +62,18 @@ def load_pairs(spec: str | Path, relax_cell: bool | None = None,
         raise DataError(f"{spec_str}: file: not found (expected a file, a directory, INITIAL:FINAL or builtin:NAME)")
     _check_unique(pairs)
     return pairs
+
+
+def dataset_of(spec: str | Path) -> str | None:
+    """The dataset a spec selects from: ``builtin:NAME`` without its split, a file or directory (``DIR:SPLIT``
+    without the split) as an absolute path; None for ``INITIAL:FINAL``. A run records it, so that its report
+    compares on the same data's test split from any working directory."""
+    spec_str = str(spec)
+    if spec_str.startswith("builtin:"):
+        return f"builtin:{parse_builtin(spec_str[len('builtin:'):])[0].name}"
+    path = Path(spec_str).expanduser()
+    if not path.exists() and ":" in spec_str:
+        path = Path(spec_str.rsplit(":", 1)[0]).expanduser()
+        if not path.is_dir():
+            return None
+    return str(path.resolve()) if path.exists() else None

@@ -233,9 +233,10 @@ class DistributedTrainer(Trainer):
     """
 
     def __init__(self, config, train, val, out_dir, *, ctx: DistContext, model=None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, data: str | None = None):
         self.ctx = ctx  # first: the overridden hooks below read it
-        super().__init__(config, train, val, out_dir, model=model, progress=progress and ctx.is_main, log=log)
+        super().__init__(config, train, val, out_dir, model=model, progress=progress and ctx.is_main, log=log,
+                         data=data)
         self.main_process = ctx.is_main
 
     # -------------------------------------------------------------- rank-0-only side effects
@@ -304,7 +305,7 @@ class DistributedTrainer(Trainer):
 
 def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | Path, ctx: DistContext, *,
                          resume: bool = False, model=None, progress: bool = True,
-                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                         log: Callable[[str], None] | None = None, data: str | None = None) -> dict[str, Any]:
     """``relaxtune.train.finetune.finetune`` on all ranks of ``ctx`` (and on ``ctx.device``); returns the
     summary on every rank (rank 0 writes it)."""
     out = Path(out_dir)
@@ -322,5 +323,5 @@ def finetune_distributed(config, train: Sequence, val: Sequence, out_dir: str | 
     model = model.to(ctx.device)
     broadcast_module(model, ctx)
     trainer = DistributedTrainer(config, train, val, out, ctx=ctx, model=model, progress=progress,
-                                 log=log if ctx.is_main else (lambda _m: None))
+                                 log=log if ctx.is_main else (lambda _m: None), data=data)
     return trainer.run(resume=resume)

@@ -57,7 +57,8 @@ class Trainer:
     """Fine-tunes ``config.model`` on ``train`` pairs, validating on ``val`` pairs, writing into ``out_dir``."""
 
     def __init__(self, config: TrainConfig, train: Sequence, val: Sequence, out_dir: str | Path, *,
-                 model: EnergyModel | None = None, progress: bool = True, log: Callable[[str], None] | None = None):
+                 model: EnergyModel | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+                 data: str | None = None):
         if len(train) == 0:
             raise ValueError("no training structures")
         check_cell_pairs(list(train), config)
@@ -66,6 +67,7 @@ class Trainer:
         self.train_species = sorted({s for p in self.train for s in p.initial.get_chemical_symbols()})
         self.val = list(val)
         self.out = Path(out_dir)
+        self.data = data
         self.progress = progress
         self._log = log
         self.main_process = True  # the process that writes the run's files and checks retention
@@ -328,13 +330,15 @@ class Trainer:
         return run_summary(self.config, self.state.history, model_spec=self.model_spec,
                            train_names=[p.name for p in self.train], val_names=[p.name for p in self.val],
                            counts=self.counts, objective_used=self.objective_used, epochs_run=self.state.epoch,
-                           moved=self.state.movement.report(), time_s=self.state.elapsed(), step_size=step_size)
+                           moved=self.state.movement.report(), time_s=self.state.elapsed(), step_size=step_size,
+                           data=self.data)
 
 
 def finetune(config: TrainConfig, train: Sequence, val: Sequence, out_dir: str | Path, *, resume: bool = False,
              model: EnergyModel | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, data: str | None = None) -> dict[str, Any]:
     """Run a fine-tuning (see the module docstring); returns the summary written to ``out_dir/summary.json``.
+    ``data``: the dataset ``train`` came from, recorded there (``relaxtune.data.load.dataset_of``).
 
     With ``resume`` and an existing ``out_dir/last.pt`` the stored config is used (``epochs`` and
     ``patience`` may be raised to train longer).
@@ -343,5 +347,5 @@ def finetune(config: TrainConfig, train: Sequence, val: Sequence, out_dir: str |
     if resume and (out / "last.pt").exists():
         stored = TrainConfig.from_dict(read_checkpoint(out / "last.pt")["config"])
         config = stored.replace(epochs=max(stored.epochs, config.epochs), patience=config.patience)
-    trainer = Trainer(config, train, val, out, model=model, progress=progress, log=log)
+    trainer = Trainer(config, train, val, out, model=model, progress=progress, log=log, data=data)
     return trainer.run(resume=resume)

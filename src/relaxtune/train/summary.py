@@ -70,9 +70,11 @@ class Movement:
 
 def run_summary(config: TrainConfig, history: History, *, model_spec: str, train_names: list[str],
                 val_names: list[str], counts: dict[str, int], objective_used: str, epochs_run: int,
-                moved: dict[str, Any], time_s: float, step_size: tuple[float, float] | None) -> dict[str, Any]:
+                moved: dict[str, Any], time_s: float, step_size: tuple[float, float] | None,
+                data: str | None = None) -> dict[str, Any]:
     """The summary of a run: before (epoch 0), after (best epoch) and last validation metrics, training loss,
-    skips, parameter movement and, with ``learn_step``, the step size (before, after)."""
+    skips, parameter movement, with ``learn_step`` the step size (before, after), and ``data``, the dataset the
+    training structures came from (``relaxtune.data.load.dataset_of``; the report's default data)."""
     before = history.rows[0] if history.rows else {}
     best_epoch = history.best["epoch"] if history.best else None
     best_row = history.row_of(best_epoch)
@@ -84,6 +86,7 @@ def run_summary(config: TrainConfig, history: History, *, model_spec: str, train
     out = {
         "config": config.to_dict(),
         "model_spec": model_spec,
+        "data": data,
         "n_train": len(train_names),
         "n_val": len(val_names),
         "train_names": train_names,
