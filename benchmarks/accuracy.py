@@ -140,8 +140,13 @@ def parse_changes(items: list[str]) -> dict:
             value = text.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, int):
             value = int(text)
-        elif isinstance(default, float) or (default is None and text.replace(".", "", 1).isdigit()):
+        elif isinstance(default, float):
             value = float(text)
+        elif default is None:  # optional: a number where it reads as one (1e-4, 0.5), else the text
+            try:
+                value = float(text)
+            except ValueError:
+                value = text
         else:
             value = text
         out[name] = value
