@@ -36,7 +36,7 @@ from ase.io import read, write
 
 from relaxtune.atomic import atomic_write_text
 from relaxtune.cli.relax_cmd import complete_frames
-from relaxtune.data import load_pairs
+from relaxtune.data import load_pairs, minimum_image_displacement
 
 
 def build_inputs(count: int, strain: float = 0.02, stdev: float = 0.03):
@@ -88,13 +88,11 @@ def _env() -> dict[str, str]:
 
 
 def largest_differences(frames, reference) -> tuple[float, float]:
-    """The largest per-atom position difference (Å, nearest image in the reference cell) and cell difference
-    (Å) over pairs of frames."""
+    """The largest per-atom position difference (Å, nearest image) and cell difference (Å) over pairs of
+    frames."""
     dx = dc = 0.0
     for atoms, ref in zip(frames, reference):
-        frac = np.linalg.solve(ref.cell.array.T, (atoms.positions - ref.positions).T).T
-        frac -= np.round(frac)
-        dx = max(dx, float(np.linalg.norm(frac @ ref.cell.array, axis=1).max()))
+        dx = max(dx, float(np.linalg.norm(minimum_image_displacement(ref, atoms), axis=1).max()))
         dc = max(dc, float(np.abs(atoms.cell.array - ref.cell.array).max()))
     return dx, dc
 

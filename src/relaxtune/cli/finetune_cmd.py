@@ -322,14 +322,15 @@ def finetune_command(
     if ctx.is_main:
         typer.echo(f"training on {len(train_pairs)} structures, validating on {len(val_pairs)} ({note})"
                    + (f" on {ctx.world_size} ranks ({ctx.backend})" if ctx.active else ""), err=True)
+    data = dataset_of(train)  # recorded in summary.json: the report's default data
     try:
         if ctx.active or ctx.device.type != "cpu":
             summary = distributed.finetune_distributed(config, train_pairs, val_pairs, out, ctx, resume=resume,
                                                        progress=progress, log=lambda m: typer.echo(m, err=True),
-                                                       data=dataset_of(train))
+                                                       data=data)
         else:
             summary = finetune(config, train_pairs, val_pairs, out, resume=resume, progress=progress,
-                               log=lambda m: typer.echo(m, err=True), data=dataset_of(train))
+                               log=lambda m: typer.echo(m, err=True), data=data)
     except ValueError as exc:
         raise UserInputError(one_line(exc)) from None
     except KeyboardInterrupt:

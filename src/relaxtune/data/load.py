@@ -47,13 +47,15 @@ def load_pairs(spec: str | Path, relax_cell: bool | None = None,
     elif path.is_file():
         pairs = read_trajectory_pairs(path, relax_cell, max_displacement)
     elif ":" in spec_str:
+        directory_split = _directory_split(spec_str)
+        if directory_split is not None:
+            directory, split = directory_split
+            splits = read_splits_file(directory / "splits.json")
+            if split not in splits:
+                raise DataError(f"{directory / 'splits.json'}: splits: no split {split!r} (have: {', '.join(splits)})")
+            return [p for p in read_directory(directory, relax_cell, max_displacement) if p.split == split]
         left, right = spec_str.rsplit(":", 1)
         lpath, rpath = Path(left).expanduser(), Path(right).expanduser()
-        if lpath.is_dir() and (lpath / "splits.json").exists():
-            splits = read_splits_file(lpath / "splits.json")
-            if right not in splits:
-                raise DataError(f"{lpath / 'splits.json'}: splits: no split {right!r} (have: {', '.join(splits)})")
-            return [p for p in read_directory(lpath, relax_cell, max_displacement) if p.split == right]
         for part in (lpath, rpath):
             if not part.is_file():
                 raise DataError(f"{part}: file: not found (INITIAL:FINAL needs two existing files)")
@@ -64,6 +66,15 @@ def load_pairs(spec: str | Path, relax_cell: bool | None = None,
     return pairs
 
 
+def _directory_split(spec_str: str) -> tuple[Path, str] | None:
+    """``DIR:SPLIT`` as (DIR, SPLIT) when DIR is a directory with a ``splits.json``, else None."""
+    if ":" not in spec_str:
+        return None
+    left, split = spec_str.rsplit(":", 1)
+    directory = Path(left).expanduser()
+    return (directory, split) if directory.is_dir() and (directory / "splits.json").exists() else None
+
+
 def dataset_of(spec: str | Path) -> str | None:
     """The dataset a spec selects from: ``builtin:NAME`` without its split, a file or directory (``DIR:SPLIT``
     without the split) as an absolute path; None for ``INITIAL:FINAL``. A run records it, so that its report
@@ -72,8 +83,7 @@ def dataset_of(spec: str | Path) -> str | None:
     if spec_str.startswith("builtin:"):
         return f"builtin:{parse_builtin(spec_str[len('builtin:'):])[0].name}"
     path = Path(spec_str).expanduser()
-    if not path.exists() and ":" in spec_str:
-        path = Path(spec_str.rsplit(":", 1)[0]).expanduser()
-        if not path.is_dir():
-            return None
-    return str(path.resolve()) if path.exists() else None
+    if path.exists():
+        return str(path.resolve())
+    directory_split = _directory_split(spec_str)
+    return str(directory_split[0].resolve()) if directory_split else None
