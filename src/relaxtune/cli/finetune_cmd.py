@@ -235,6 +235,11 @@ def finetune_command(
     anchor_weight: float = typer.Option(DEFAULTS.anchor_weight, "--anchor-weight", min=0.0,
                                         help="L2-SP: λ of λ·|θ - θ0|², a pull of every weight back to its "
                                         "pretrained value (0 = off).", rich_help_panel="Keeping what the pretrained model knew"),
+    distill_orthogonal: bool = typer.Option(DEFAULTS.distill_orthogonal, "--distill-orthogonal/--no-distill-orthogonal",
+                                            help="Take every update orthogonal to the gradients of the bulk "
+                                            "crystals' energies and stresses, so that no step changes them to first "
+                                            "order (orthogonal gradient descent).",
+                                            rich_help_panel="Keeping what the pretrained model knew"),
     distill_project: bool = typer.Option(DEFAULTS.distill_project, "--distill-project/--no-distill-project",
                                          help="Gradient surgery: drop the part of each step's data gradient that "
                                          "points against the self-distillation gradient.", rich_help_panel="Keeping what the pretrained model knew"),

@@ -19,6 +19,7 @@ ENERGY_DEFAULTS = {"forces": ("per-atom", 1.0), "structure": ("total", 0.1), "st
 #: the behaviour of runs made before these fields existed (see ``TrainConfig.from_dict``)
 BEFORE_FIELD_EXISTED = {"start": "initial", "val_start": "initial", "dq_scale": "absolute", "energy_scale": "per-atom",
                         "frames_per_structure": 0, "warm_start": False, "distill_weight": 0.0, "anchor_weight": 0.0,
+                        "distill_orthogonal": False,
                         "retention_check": False, "distill_project": False,
                         "low_rank": 0, "distill_force_weight": 1.0, "average_epochs": 0.0}
 TRAIN_PARAMS = ("all", "readout", "freeze-embeddings")
@@ -73,7 +74,10 @@ class TrainConfig:
     ``replay_per_step`` of its structures' DFT frames per step (``relaxtune.train.replay``);
     with ``distill_project`` the data gradient first loses its component against the gradient of those terms
     (gradient surgery, PCGrad), so a step on the defects does not undo the bulk to first order;
-    ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights. ``retention_check`` measures best.pt
+    ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights; with ``distill_orthogonal`` every
+    update loses its component along the gradients (at the pretrained weights) of the energy per atom and the
+    stress of each distillation structure, so the bulk's equation of state is unchanged to first order
+    (orthogonal gradient descent). ``retention_check`` measures best.pt
     against the pretrained model after training (``relaxtune.retention``) into summary.json and the log.
 
     Validation: Dq of relaxations (``eval_optimizer`` to ``eval_fmax``) from ``val_start`` picks best.pt;
@@ -136,6 +140,7 @@ class TrainConfig:
     replay_per_step: int = 8  # replay structures fitted per optimizer step
     low_rank: int = 0  # > 0: train a rank-r update B·A of each trainable linear layer, base weights fixed
     anchor_weight: float = 0.0  # L2-SP: λ of λ·|θ - θ0|² (per weight, summed)
+    distill_orthogonal: bool = True  # each update orthogonal to the gradients of the bulk's energies and stresses
     retention_check: bool = True  # after training: best.pt against the pretrained model (relaxtune.retention)
     # validation / stopping
     eval_fmax: float = 0.02

@@ -99,7 +99,7 @@ class Trainer:
                               WeightAverage(self.model_params + self.relax_params, config.average_epochs,
                                             self.batches_per_epoch))
         self.keep = KeepPretrained(config, self.model, self.model_params, self.train_species, self.dtype,
-                                   self.device)
+                                   self.device, log=self.log)
         self.frames = FrameLoss(config, self.model, self.dtype, self.device, train_index)
         self.objectives = Objectives(config, self.model, self.step_params, self.dtype, self.device, self.frames,
                                      self.state)
@@ -243,7 +243,9 @@ class Trainer:
             stats.grad_norms.setdefault(group.get("name", "model"), []).append(norm)
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(group["params"], self.config.grad_clip)
+        self.keep.before_step()
         self.optimizer.step()
+        self.keep.after_step()
         self.state.average.update()
         self.scheduler.step()
         stats.loss_sum += loss_sum

@@ -1,16 +1,17 @@
 """The gradient terms that keep what the pretrained model knew: self-distillation on bulk of the training
 elements (``relaxtune.train.distill``), replay of general DFT data (``relaxtune.train.replay``), with optional
-gradient surgery against both, and the L2-SP anchor."""
+gradient surgery against both, the L2-SP anchor, and updates that keep the bulk's outputs."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from relaxtune.potentials.base import EnergyModel
 from relaxtune.train.config import TrainConfig
 from relaxtune.train.distill import distillation_loss, distillation_set, draw
+from relaxtune.train.orthogonal import OrthogonalUpdates
 from relaxtune.train.replay import Replay
 
 
@@ -20,15 +21,37 @@ class KeepPretrained:
     pretrained values when this is built)."""
 
     def __init__(self, config: TrainConfig, model: EnergyModel, params: Sequence[torch.Tensor],
-                 species: list[str], dtype: torch.dtype, device: torch.device):
+                 species: list[str], dtype: torch.dtype, device: torch.device,
+                 log: Callable[[str], None] = lambda message: None):
         self.config = config
         self.model = model
         self.params = list(params)
         self.anchor = [p.detach().clone() for p in self.params] if config.anchor_weight > 0 else []
         self.distill = (distillation_set(model, species, config.distill_per_prototype, config.seed, dtype)
-                        if config.distill_weight > 0 else [])
+                        if config.distill_weight > 0 or config.distill_orthogonal else [])
         self.replay = Replay(config, model, dtype, device)
         self.dtype = dtype
+        self.orthogonal = (OrthogonalUpdates(model, self.distill, self.params, dtype)
+                           if config.distill_orthogonal and self.distill else None)
+        n_weights = sum(p.numel() for p in self.params)
+        if self.orthogonal is not None and self.orthogonal.basis.shape[1] > n_weights // 2:
+            log(f"note: orthogonal updates off: the bulk's energies and stresses move "
+                f"{self.orthogonal.basis.shape[1]} independent directions of the {n_weights} trainable weights, "
+                "and a step orthogonal to them would leave too little of the model to train")
+            self.orthogonal = None
+        self._before: list[torch.Tensor] = []
+
+    def before_step(self) -> None:
+        """Remember the weights before an optimizer step (``distill_orthogonal``)."""
+        if self.orthogonal is not None:
+            self._before = [p.detach().clone() for p in self.params]
+
+    def after_step(self) -> None:
+        """With ``distill_orthogonal``: remove from the step just taken its component along the gradients of the
+        bulk's energies and stresses, so that it leaves them unchanged to first order whatever the optimizer made
+        of the gradients (``relaxtune.train.orthogonal``)."""
+        if self.orthogonal is not None and self._before:
+            self.orthogonal.project(self._before)
 
     def add_gradients(self, step: int) -> dict[str, float]:
         """Add the terms' gradients once the data gradient is complete (every rank adds the same: the draws
