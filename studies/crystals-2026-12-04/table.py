@@ -1,4 +1,5 @@
-import json, os, statistics
+import json, os, statistics, sys
+run = sys.argv[1] if len(sys.argv) > 1 else 'studies/crystals-2026-12-04'  # a folder of seed0..seed2
 def load(p):
     d = json.load(open(p))
     rows = {r['name']: r for r in d['rows']}
@@ -14,11 +15,11 @@ print("| run | mean |V/V_DFT-1| | " + " | ".join(groups) + " | closer in volume 
 line('pretrained', pre, prow)
 for s in (0, 1, 2):
     for ck in ('best', 'last'):
-        p = f'studies/crystals-2026-12-04/seed{s}/test_{ck}.json'
+        p = f'{run}/seed{s}/test_{ck}.json'
         if os.path.exists(p):
             line(f'seed {s} {ck}.pt', *load(p))
 for s in (0, 1, 2):
-    p = f'studies/crystals-2026-12-04/seed{s}/summary.json'
+    p = f'{run}/seed{s}/summary.json'
     if os.path.exists(p):
         sm = json.load(open(p))
         print(s, 'best epoch', sm['best_epoch'], 'retention', sm['retention']['counts'], 'time', round(sm.get('time_s', 0)))

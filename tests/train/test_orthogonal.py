@@ -75,3 +75,17 @@ def test_a_chgnet_run_moves_its_weights_only_orthogonally_to_the_bulk_outputs(tm
     assert float(move.norm()) > 0
     # without the projection the same run leaves 0.18 of its move in the span; with it, float32 round-off
     assert float((basis.T @ move).norm()) < 1e-3 * float(move.norm())
+
+
+def test_training_on_cell_relaxations_trains_without_the_projection_and_says_so(tmp_path):
+    from swdata import SW_TRAINING, make_cell_relaxation
+
+    from relaxtune.train.config import TrainConfig
+    from relaxtune.train.finetune import Trainer
+
+    cell_pair, _ = make_cell_relaxation()
+    notes: list[str] = []
+    config = TrainConfig(**{**SW_TRAINING, "start": "relaxed"})
+    trainer = Trainer(config, [cell_pair], [], tmp_path / "cells", progress=False, log=notes.append)
+    assert config.distill_orthogonal and trainer.keep.orthogonal is None
+    assert any("hold cell relaxations" in n for n in notes)

@@ -77,7 +77,7 @@ class TrainConfig:
     ``anchor_weight`` adds λ·|θ - θ0|² (L2-SP) on the model's weights; with ``distill_orthogonal`` every
     update loses its component along the gradients (at the pretrained weights) of the energy per atom and the
     stress of each distillation structure, so the bulk's equation of state is unchanged to first order
-    (orthogonal gradient descent). ``retention_check`` measures best.pt
+    (orthogonal gradient descent; off when the training data relax cells, whose stresses it would not let fit). ``retention_check`` measures best.pt
     against the pretrained model after training (``relaxtune.retention``) into summary.json and the log.
 
     Validation: Dq of relaxations (``eval_optimizer`` to ``eval_fmax``) from ``val_start`` picks best.pt;

@@ -99,7 +99,7 @@ class Trainer:
                               WeightAverage(self.model_params + self.relax_params, config.average_epochs,
                                             self.batches_per_epoch))
         self.keep = KeepPretrained(config, self.model, self.model_params, self.train_species, self.dtype,
-                                   self.device, log=self.log)
+                                   self.device, fits_cells=any(p.relax_cell for p in self.train), log=self.log)
         self.frames = FrameLoss(config, self.model, self.dtype, self.device, train_index)
         self.objectives = Objectives(config, self.model, self.step_params, self.dtype, self.device, self.frames,
                                      self.state)

@@ -18,21 +18,26 @@ from relaxtune.train.replay import Replay
 class KeepPretrained:
     """Adds ``distill_weight`` x the distillation gradient, ``replay_weight`` x the replay gradient and
     ``anchor_weight`` x ∇|θ-θ0|² to the gradients of ``params`` (the model's trainable weights, at their
-    pretrained values when this is built)."""
+    pretrained values when this is built), and with ``distill_orthogonal`` keeps each optimizer step orthogonal
+    to the bulk's energies and stresses, unless the training data relax cells (``fits_cells``)."""
 
     def __init__(self, config: TrainConfig, model: EnergyModel, params: Sequence[torch.Tensor],
-                 species: list[str], dtype: torch.dtype, device: torch.device,
+                 species: list[str], dtype: torch.dtype, device: torch.device, fits_cells: bool = False,
                  log: Callable[[str], None] = lambda message: None):
         self.config = config
         self.model = model
         self.params = list(params)
         self.anchor = [p.detach().clone() for p in self.params] if config.anchor_weight > 0 else []
+        orthogonal = config.distill_orthogonal and not fits_cells
+        if config.distill_orthogonal and fits_cells:
+            log("note: orthogonal updates off: the training data hold cell relaxations, whose stresses a step "
+                "that keeps the bulk's energies and stresses could not fit")
         self.distill = (distillation_set(model, species, config.distill_per_prototype, config.seed, dtype)
-                        if config.distill_weight > 0 or config.distill_orthogonal else [])
+                        if config.distill_weight > 0 or orthogonal else [])
         self.replay = Replay(config, model, dtype, device)
         self.dtype = dtype
         self.orthogonal = (OrthogonalUpdates(model, self.distill, self.params, dtype)
-                           if config.distill_orthogonal and self.distill else None)
+                           if orthogonal and self.distill else None)
         n_weights = sum(p.numel() for p in self.params)
         if self.orthogonal is not None and self.orthogonal.basis.shape[1] > n_weights // 2:
             log(f"note: orthogonal updates off: the bulk's energies and stresses move "
