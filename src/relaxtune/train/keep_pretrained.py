@@ -44,18 +44,18 @@ class KeepPretrained:
                 f"{self.orthogonal.basis.shape[1]} independent directions of the {n_weights} trainable weights, "
                 "and a step orthogonal to them would leave too little of the model to train")
             self.orthogonal = None
-        self._before: list[torch.Tensor] = []
+        self._before: torch.Tensor | None = None
 
     def before_step(self) -> None:
         """Remember the weights before an optimizer step (``distill_orthogonal``)."""
         if self.orthogonal is not None:
-            self._before = [p.detach().clone() for p in self.params]
+            self._before = self.orthogonal.weights()
 
     def after_step(self) -> None:
         """With ``distill_orthogonal``: remove from the step just taken its component along the gradients of the
         bulk's energies and stresses, so that it leaves them unchanged to first order whatever the optimizer made
         of the gradients (``relaxtune.train.orthogonal``)."""
-        if self.orthogonal is not None and self._before:
+        if self.orthogonal is not None and self._before is not None:
             self.orthogonal.project(self._before)
 
     def add_gradients(self, step: int) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 from ase import Atoms
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from relaxtune.potentials.base import EnergyModel, energy_and_forces
 from relaxtune.state import Batch
@@ -30,41 +31,33 @@ def bulk_outputs(model: EnergyModel, structures: Sequence[Atoms], dtype: torch.d
     return [o for k in range(batch.n_systems) for o in [per_atom[k]] + [ef.stress[k, i, j] for i, j in VOIGT]]
 
 
-def _flat(params: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if t is None else t.detach()).reshape(-1) for p, t in zip(params, tensors)])
-
-
-def _assign(params: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            p.copy_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype))
-            offset += p.numel()
-
-
 class OrthogonalUpdates:
     """The row space of the bulk outputs' gradients at the current (pretrained) weights of ``params``, as an
     orthonormal basis (n_weights, k)."""
 
     def __init__(self, model: EnergyModel, structures: Sequence[Atoms], params: Sequence[torch.Tensor],
                  dtype: torch.dtype):
-        self.structures, self.params = list(structures), list(params)
-        n_outputs = (1 + len(VOIGT)) * len(self.structures)
-        rows = torch.zeros(sum(p.numel() for p in self.params), n_outputs, dtype=dtype,
+        self.params = list(params)
+        rows = torch.zeros(sum(p.numel() for p in self.params), (1 + len(VOIGT)) * len(structures), dtype=dtype,
                            device=next((p.device for p in model.parameters()), torch.device("cpu")))
         column = 0
-        for atoms in self.structures:  # one graph per structure: each backward walks only its own
+        for atoms in structures:  # one graph per structure: each backward walks only its own
             for out in bulk_outputs(model, [atoms], dtype, create_graph=True):
-                grads = torch.autograd.grad(out, self.params, retain_graph=True, allow_unused=True)
-                rows[:, column] = _flat(self.params, grads)
+                grads = torch.autograd.grad(out, self.params, retain_graph=True, materialize_grads=True)
+                rows[:, column] = parameters_to_vector(grads).detach()
                 column += 1
         norms = rows.norm(dim=0)
         used = norms > 1e-6 * norms.max()  # outputs no weight moves (zero by symmetry) are left out
         q, r = torch.linalg.qr(rows[:, used] / norms[used])
         self.basis = q[:, r.diagonal().abs() > 1e-4]  # an output that others fix (equal by symmetry) adds nothing
 
-    def project(self, before: Sequence[torch.Tensor]) -> None:
-        """Remove from the step the weights took since ``before`` its component in the row space."""
-        delta = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(self.params, before)])
-        delta = delta - self.basis @ (self.basis.T @ delta)
-        _assign(self.params, torch.cat([b.reshape(-1) for b in before]) + delta)
+    def weights(self) -> torch.Tensor:
+        """The weights as one flat vector (a copy)."""
+        return parameters_to_vector(self.params).detach()
+
+    def project(self, before: torch.Tensor) -> None:
+        """Remove from the step the weights took since ``before`` (``weights()`` then) its component in the row
+        space."""
+        delta = self.weights() - before
+        with torch.no_grad():
+            vector_to_parameters(before + delta - self.basis @ (self.basis.T @ delta), self.params)
